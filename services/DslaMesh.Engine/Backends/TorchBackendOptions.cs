@@ -1,0 +1,37 @@
+using System.ComponentModel.DataAnnotations;
+
+namespace DslaMesh.Engine.Backends;
+
+/// <summary>Which device the engine runs on and where its LibTorch comes from.</summary>
+public sealed class TorchBackendOptions
+{
+    /// <summary>Configuration section name.</summary>
+    public const string SectionName = "TorchBackend";
+
+    /// <summary>
+    /// <c>cpu</c>, <c>cuda</c> or <c>cuda:N</c>.
+    /// </summary>
+    /// <remarks>Default value is <c>cpu</c>.</remarks>
+    [Required]
+    [RegularExpression("^(cpu|cuda(:[0-9]+)?)$", ErrorMessage = "Device must be 'cpu', 'cuda' or 'cuda:N'.")]
+    public string Device { get; set; } = "cpu";
+
+    /// <summary>
+    /// Folder holding a CUDA LibTorch (<c>libtorch_cuda.so</c> and its neighbours), such as PyTorch's
+    /// <c>site-packages/torch/lib</c>.
+    /// </summary>
+    /// <remarks>Default: discovered by asking the host's <c>python3</c> where <c>torch</c> lives. Unused on CPU.</remarks>
+    public string? LibTorchDirectory { get; set; }
+
+    /// <summary>Weights and activations dtype: <c>float32</c>, <c>bfloat16</c> or <c>float16</c>.</summary>
+    /// <remarks>Default: <c>float32</c> on CPU, <c>bfloat16</c> on CUDA.</remarks>
+    [RegularExpression("^(float32|bfloat16|float16)$", ErrorMessage = "DType must be float32, bfloat16 or float16.")]
+    public string? DType { get; set; }
+
+    /// <summary>CPU threads for LibTorch's intra-op pool; 0 keeps LibTorch's default.</summary>
+    [Range(0, 1024)]
+    public int CpuThreads { get; set; }
+
+    /// <summary>Whether the device is a CUDA device.</summary>
+    public bool IsCuda => Device.StartsWith("cuda", StringComparison.Ordinal);
+}

@@ -1,0 +1,113 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using TorchSharp;
+
+namespace DslaMesh.Engine.Backends;
+
+/// <summary>
+/// Starts TorchSharp once per process on the configured device: patches the CPU bridge where the host needs it and,
+/// for CUDA, loads the host's own CUDA LibTorch (NuGet serves no CUDA build for Linux).
+/// </summary>
+public static class TorchRuntime
+{
+    private static readonly Lock Gate = new();
+    private static TorchBackendOptions? _active;
+
+    /// <summary>The options the runtime was started with, or null before <see cref="Initialize"/>.</summary>
+    public static TorchBackendOptions? Active => _active;
+
+    /// <summary>Starts the runtime on CPU with default options (idempotent).</summary>
+    public static torch.Device EnsureCpu() => Initialize(new TorchBackendOptions());
+
+    /// <summary>Starts the runtime (idempotent) and returns the device tensors should live on.</summary>
+    /// <exception cref="InvalidOperationException">The runtime was already started on another device, or CUDA is unavailable.</exception>
+    public static torch.Device Initialize(TorchBackendOptions options)
+    {
+        ArgumentNullException.ThrowIfNull(options);
+        lock (Gate)
+        {
+            if (_active is not null)
+            {
+                if (_active.IsCuda != options.IsCuda)
+                {
+                    throw new InvalidOperationException($"TorchSharp already runs on '{_active.Device}'; it cannot switch to '{options.Device}' in one process.");
+                }
+                return torch.device(options.Device);
+            }
+            LibTorchSharpLoader.EnsureLoadable();
+            if (options.IsCuda)
+            {
+                LoadCudaLibTorch(options.LibTorchDirectory ?? DiscoverPythonLibTorch());
+                torch.InitializeDeviceType(DeviceType.CUDA);
+                if (!torch.cuda.is_available())
+                {
+                    throw new InvalidOperationException("CUDA LibTorch loaded but no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES).");
+                }
+            }
+            else
+            {
+                torch.InitializeDeviceType(DeviceType.CPU);
+            }
+            if (options.CpuThreads > 0)
+            {
+                torch.set_num_threads(options.CpuThreads);
+            }
+            _active = options;
+            return torch.device(options.Device);
+        }
+    }
+
+    /// <summary>The dtype the options ask for, with the per-device default.</summary>
+    public static torch.ScalarType ResolveDType(TorchBackendOptions options) => (options.DType ?? (options.IsCuda ? "bfloat16" : "float32")) switch
+    {
+        "float32" => torch.ScalarType.Float32,
+        "bfloat16" => torch.ScalarType.BFloat16,
+        "float16" => torch.ScalarType.Float16,
+        var other => throw new ArgumentException($"Unsupported dtype '{other}'.", nameof(options)),
+    };
+
+    private static void LoadCudaLibTorch(string directory)
+    {
+        var cuda = Path.Combine(directory, "libtorch_cuda.so");
+        if (!File.Exists(cuda))
+        {
+            throw new InvalidOperationException($"No libtorch_cuda.so in '{directory}'. Set TorchBackend:LibTorchDirectory to a CUDA LibTorch folder (PyTorch's site-packages/torch/lib).");
+        }
+        // Loading torch_cuda first pulls in torch_cpu and c10 from the same folder; TorchSharp's bridge then binds to
+        // them by soname instead of looking for a CPU LibTorch beside the application.
+        foreach (var name in new[] { "libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so" })
+        {
+            var path = Path.Combine(directory, name);
+            if (File.Exists(path))
+            {
+                NativeLibrary.Load(path);
+            }
+        }
+    }
+
+    /// <summary>Asks the host's python3 where PyTorch keeps its libraries.</summary>
+    public static string DiscoverPythonLibTorch()
+    {
+        var python = Environment.GetEnvironmentVariable("DSLAMESH_PYTHON") ?? "python3";
+        var start = new ProcessStartInfo(python, ["-c", "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))"])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+        };
+        try
+        {
+            using var process = Process.Start(start) ?? throw new InvalidOperationException($"Could not start '{python}'.");
+            var output = process.StandardOutput.ReadToEnd().Trim();
+            var error = process.StandardError.ReadToEnd();
+            if (!process.WaitForExit(TimeSpan.FromSeconds(60)) || process.ExitCode != 0 || output.Length == 0)
+            {
+                throw new InvalidOperationException($"'{python} -c \"import torch\"' failed: {error.Trim()}");
+            }
+            return output;
+        }
+        catch (System.ComponentModel.Win32Exception e)
+        {
+            throw new InvalidOperationException($"No CUDA LibTorch configured and '{python}' is not on PATH to discover one. Set TorchBackend:LibTorchDirectory.", e);
+        }
+    }
+}
