@@ -1,0 +1,62 @@
+using DslaMesh.Engine.Inference;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Models;
+
+/// <summary>
+/// What every layer of one forward pass shares: the batch's caches, positions, rotary tables, and which layers run as
+/// DSLA. Built by <see cref="LlamaForCausalLM"/>; owned (and disposed) by it.
+/// </summary>
+public sealed class ForwardContext : IDisposable
+{
+    public ForwardContext(IReadOnlyList<SequenceCache>? caches, int[] startPositions, int tokenCount, Tensor cos, Tensor sin, IReadOnlyList<bool>? dslaLayers)
+    {
+        Caches = caches;
+        StartPositions = startPositions;
+        TokenCount = tokenCount;
+        Cos = cos;
+        Sin = sin;
+        DslaLayers = dslaLayers;
+    }
+
+    /// <summary>One cache per batch row, or null for a cache-free pass (training, evaluation).</summary>
+    public IReadOnlyList<SequenceCache>? Caches { get; }
+
+    /// <summary>Position of each row's first token in this pass.</summary>
+    public int[] StartPositions { get; }
+
+    /// <summary>Tokens per row in this pass (T).</summary>
+    public int TokenCount { get; }
+
+    /// <summary>RoPE cos for every (row, token): [B, 1, T, hd].</summary>
+    public Tensor Cos { get; }
+
+    /// <summary>RoPE sin for every (row, token): [B, 1, T, hd].</summary>
+    public Tensor Sin { get; }
+
+    /// <summary>Per layer: run its DSLA replacement instead of softmax attention. Null: all softmax.</summary>
+    public IReadOnlyList<bool>? DslaLayers { get; }
+
+    /// <summary>Whether every row starts at the same position (so one batched attention call serves them all).</summary>
+    public bool UniformStart => StartPositions.All(p => p == StartPositions[0]);
+
+    /// <summary>Whether layer <paramref name="layer"/> runs as DSLA in this pass.</summary>
+    public bool UsesDsla(int layer) => DslaLayers is { } mix && layer < mix.Count && mix[layer];
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        Cos.Dispose();
+        Sin.Dispose();
+    }
+}
+
+/// <summary>
+/// A token mixer: the attention slot of a decoder layer. Softmax attention and DSLA both implement it, so a layer can
+/// switch between them per forward pass.
+/// </summary>
+public interface ITokenMixer
+{
+    /// <summary>x [B, T, D] (after the input norm) → [B, T, D]; reads and updates layer <paramref name="layer"/> of each cache.</summary>
+    Tensor Forward(Tensor x, ForwardContext context, int layer);
+}

@@ -1,0 +1,143 @@
+using DslaMesh.Engine.Inference;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Models;
+
+/// <summary>
+/// Llama softmax self-attention with RoPE and grouped-query attention. GQA never widens the KV heads: the query heads
+/// of a group are folded into the query length so SDPA reads each cached key/value once.
+/// </summary>
+public sealed class LlamaAttention : nn.Module, ITokenMixer
+{
+    [ComponentName(Name = "q_proj")]
+    private readonly Projection _q;
+    [ComponentName(Name = "k_proj")]
+    private readonly Projection _k;
+    [ComponentName(Name = "v_proj")]
+    private readonly Projection _v;
+    [ComponentName(Name = "o_proj")]
+    private readonly Projection _o;
+    private readonly int _heads;
+    private readonly int _kvHeads;
+    private readonly int _headDim;
+
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaAttention")
+    {
+        _heads = config.NumAttentionHeads;
+        _kvHeads = config.NumKeyValueHeads;
+        _headDim = config.HeadDim;
+        _q = new Projection(config.HiddenSize, _heads * _headDim, config.AttentionBias, dtype, device);
+        _k = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        _v = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        _o = new Projection(_heads * _headDim, config.HiddenSize, config.AttentionBias, dtype, device);
+        RegisterComponents();
+    }
+
+    public Projection QueryProjection => _q;
+    public Projection KeyProjection => _k;
+    public Projection ValueProjection => _v;
+    public Projection OutputProjection => _o;
+    public int Heads => _heads;
+    public int KvHeads => _kvHeads;
+    public int HeadDim => _headDim;
+
+    /// <summary>
+    /// q [B, H, T, hd], k and v [B, Hkv, T, hd] for x [B, T, D], with RoPE applied to q and k (what the KV cache holds).
+    /// </summary>
+    public (Tensor Q, Tensor K, Tensor V) Project(Tensor x, ForwardContext context)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t) = (x.shape[0], x.shape[1]);
+        var q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
+        var k = _k.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        q = RotaryEmbedding.Apply(q, context.Cos, context.Sin);
+        k = RotaryEmbedding.Apply(k, context.Cos, context.Sin);
+        return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
+    }
+
+    /// <inheritdoc/>
+    public Tensor Forward(Tensor x, ForwardContext context, int layer)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t) = (x.shape[0], x.shape[1]);
+        var (q, k, v) = Project(x, context);
+        Tensor output;
+        if (context.Caches is null)
+        {
+            output = Attend(q, k, v, 0);
+        }
+        else
+        {
+            var rows = new Tensor[b];
+            for (var row = 0; row < b; row++)
+            {
+                var cache = context.Caches[row];
+                if (cache[layer] is not KvState state)
+                {
+                    if (cache[layer] is not null)
+                    {
+                        throw new InvalidOperationException($"Layer {layer} of this sequence holds DSLA state; softmax attention cannot resume from it.");
+                    }
+                    state = new KvState(_kvHeads, _headDim, Math.Max(cache.ExpectedLength, context.StartPositions[row] + (int)t), k.dtype, k.device);
+                    cache[layer] = state;
+                }
+                var (keys, values) = state.Append(k.narrow(0, row, 1), v.narrow(0, row, 1));
+                rows[row] = Attend(q.narrow(0, row, 1), keys, values, context.StartPositions[row]);
+            }
+            output = b == 1 ? rows[0] : cat(rows, 0);
+        }
+        // [B, H, T, hd] → [B, T, H·hd]
+        var merged = output.transpose(1, 2).reshape(b, t, _heads * _headDim);
+        return _o.forward(merged).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Causal attention of q [B, H, T, hd] over keys/values [B, Hkv, L, hd], where query i sits at position
+    /// <paramref name="start"/> + i and key j at position j (L = start + T).
+    /// </summary>
+    public Tensor Attend(Tensor q, Tensor keys, Tensor values, int start)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t, l) = (q.shape[0], q.shape[2], keys.shape[2]);
+        var group = _heads / _kvHeads;
+        // Fold the query heads of each KV group into the query axis: [B, Hkv, group·T, hd].
+        var grouped = group == 1 ? q : q.reshape(b, _kvHeads, group * t, _headDim);
+        Tensor result;
+        if (t == 1)
+        {
+            result = nn.functional.scaled_dot_product_attention(grouped, keys, values);
+        }
+        else if (group == 1 && start == 0 && l == t)
+        {
+            result = nn.functional.scaled_dot_product_attention(grouped, keys, values, is_casual: true);
+        }
+        else
+        {
+            // Row (g, i) may see key j when j ≤ start + i. [group·T, L] bool, true = attend.
+            var queryPositions = arange(start, start + t, device: q.device).repeat(group).unsqueeze(1);
+            var mask = arange(l, device: q.device).unsqueeze(0) <= queryPositions;
+            result = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask: mask);
+        }
+        return (group == 1 ? result : result.reshape(b, _heads, t, _headDim)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Entropy of the last query token's attention distribution, averaged over heads and batch: the paper's layer
+    /// sensitivity (low entropy converts first). x [B, T, D].
+    /// </summary>
+    public double LastTokenEntropy(Tensor x, ForwardContext context)
+    {
+        using var scope = NewDisposeScope();
+        var (q, k, _) = Project(x, context);
+        var (b, t) = (q.shape[0], q.shape[2]);
+        var lastQuery = q.narrow(2, t - 1, 1).to(ScalarType.Float32);                        // [B, H, 1, hd]
+        var keys = k.to(ScalarType.Float32).repeat_interleave(_heads / _kvHeads, dim: 1);   // [B, H, T, hd]
+        var scores = matmul(lastQuery, keys.transpose(2, 3)) / Math.Sqrt(_headDim);          // [B, H, 1, T]
+        var p = scores.softmax(-1);
+        var entropy = -(p * p.clamp_min(1e-12).log()).sum(-1);                               // [B, H, 1]
+        _ = b;
+        return entropy.mean().item<float>();
+    }
+}

@@ -1,0 +1,60 @@
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Models;
+
+/// <summary>
+/// One pre-norm Llama block. The attention slot holds the teacher's softmax attention and, once attached, a DSLA
+/// replacement; each forward pass picks one per <see cref="ForwardContext.UsesDsla"/>, so a layer switches in both
+/// directions without reloading anything.
+/// </summary>
+public sealed class LlamaDecoderLayer : nn.Module
+{
+    [ComponentName(Name = "self_attn")]
+    private readonly LlamaAttention _attention;
+    [ComponentName(Name = "mlp")]
+    private readonly LlamaMlp _mlp;
+    [ComponentName(Name = "input_layernorm")]
+    private readonly RmsNorm _inputNorm;
+    [ComponentName(Name = "post_attention_layernorm")]
+    private readonly RmsNorm _postAttentionNorm;
+
+    public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device) : base("LlamaDecoderLayer")
+    {
+        Index = index;
+        _attention = new LlamaAttention(config, dtype, device);
+        _mlp = new LlamaMlp(config, dtype, device);
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        RegisterComponents();
+    }
+
+    /// <summary>Layer index in the model.</summary>
+    public int Index { get; }
+
+    public LlamaAttention Attention => _attention;
+    public LlamaMlp Mlp => _mlp;
+    public RmsNorm InputNorm => _inputNorm;
+    public RmsNorm PostAttentionNorm => _postAttentionNorm;
+
+    /// <summary>The DSLA (or other) replacement for the attention slot, if one is attached.</summary>
+    public ITokenMixer? Replacement { get; set; }
+
+    /// <summary>The mixer this pass uses.</summary>
+    public ITokenMixer MixerFor(ForwardContext context)
+    {
+        if (!context.UsesDsla(Index))
+        {
+            return _attention;
+        }
+        return Replacement ?? throw new InvalidOperationException($"Layer {Index} has no DSLA weights attached; it cannot run as DSLA.");
+    }
+
+    /// <summary>h [B, T, D] → [B, T, D].</summary>
+    public Tensor Forward(Tensor hidden, ForwardContext context)
+    {
+        using var scope = NewDisposeScope();
+        var attended = hidden + MixerFor(context).Forward(_inputNorm.forward(hidden), context, Index);
+        return (attended + _mlp.forward(_postAttentionNorm.forward(attended))).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,38 @@
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Models;
+
+/// <summary>
+/// A bias-optional linear map whose weight [out, in] is allocated uninitialised, to be filled from a checkpoint or a
+/// seeded initialiser (nn.Linear would spend minutes on Kaiming init for a 7B model before overwriting it).
+/// </summary>
+public sealed class Projection : nn.Module<Tensor, Tensor>
+{
+    [ComponentName(Name = "weight")]
+    private readonly Parameter _weight;
+    [ComponentName(Name = "bias")]
+    private readonly Parameter? _bias;
+
+    public Projection(long inFeatures, long outFeatures, bool bias, ScalarType dtype, Device device) : base("Linear")
+    {
+        _weight = new Parameter(empty(outFeatures, inFeatures, dtype: dtype, device: device), requires_grad: false);
+        _bias = bias ? new Parameter(zeros(outFeatures, dtype: dtype, device: device), requires_grad: false) : null;
+        InFeatures = inFeatures;
+        OutFeatures = outFeatures;
+        RegisterComponents();
+    }
+
+    public long InFeatures { get; }
+    public long OutFeatures { get; }
+
+    /// <summary>Weight [out, in].</summary>
+    public Parameter Weight => _weight;
+
+    /// <summary>Bias [out], if any.</summary>
+    public Parameter? Bias => _bias;
+
+    /// <summary>x [..., in] → [..., out].</summary>
+    public override Tensor forward(Tensor x) => nn.functional.linear(x, _weight, _bias);
+}
