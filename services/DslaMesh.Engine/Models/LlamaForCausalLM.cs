@@ -61,7 +61,13 @@ public sealed class LlamaForCausalLM : nn.Module
         var result = new Dictionary<string, Tensor>(StringComparer.Ordinal);
         foreach (var (name, parameter) in named_parameters())
         {
-            result[name.StartsWith("lm_head", StringComparison.Ordinal) ? name : "model." + name] = parameter;
+            var hfName = name switch
+            {
+                "embed_tokens" => "model.embed_tokens.weight",
+                _ when name.StartsWith("lm_head", StringComparison.Ordinal) => name,
+                _ => "model." + name,
+            };
+            result[hfName] = parameter;
         }
         return result;
     }
