@@ -1,0 +1,16 @@
+using System.CommandLine;
+
+namespace DslaMesh.Cli.Commands;
+
+/// <summary>The dslactl command tree.</summary>
+public static class DslaCtl
+{
+    /// <summary>Builds the root command with every subcommand.</summary>
+    public static RootCommand CreateRootCommand()
+    {
+        var root = new RootCommand("dslactl: drive DslaMesh models, services and policies.");
+        root.Subcommands.Add(ModelCommands.Create());
+        root.Subcommands.Add(GenerateCommand.Create());
+        return root;
+    }
+}

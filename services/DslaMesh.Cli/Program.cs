@@ -1,0 +1,3 @@
+using DslaMesh.Cli.Commands;
+
+return await DslaCtl.CreateRootCommand().Parse(args).InvokeAsync();

@@ -1,0 +1,54 @@
+using DslaMesh.Engine.Backends;
+using DslaMesh.Engine.Tokenization;
+
+namespace DslaMesh.Engine.Models;
+
+/// <summary>A model folder loaded onto a device: the network and, when the folder has one, its tokenizer.</summary>
+public sealed class LoadedModel : IDisposable
+{
+    private LoadedModel(string directory, LlamaForCausalLM model, TextTokenizer? tokenizer)
+    {
+        Directory = directory;
+        Model = model;
+        Tokenizer = tokenizer;
+    }
+
+    /// <summary>The checkpoint folder.</summary>
+    public string Directory { get; }
+
+    /// <summary>The network.</summary>
+    public LlamaForCausalLM Model { get; }
+
+    /// <summary>The tokenizer, or null when the folder has no tokenizer.json.</summary>
+    public TextTokenizer? Tokenizer { get; }
+
+    /// <summary>Starts the backend and loads config, weights and tokenizer from <paramref name="directory"/>.</summary>
+    /// <exception cref="ModelLoadException">Anything about the folder is missing or malformed.</exception>
+    public static LoadedModel Load(string directory, TorchBackendOptions backend, int? maxPositions = null)
+    {
+        var device = TorchRuntime.Initialize(backend);
+        var model = LlamaForCausalLM.Load(directory, TorchRuntime.ResolveDType(backend), device, maxPositions);
+        try
+        {
+            var tokenizerPath = Path.Combine(directory, "tokenizer.json");
+            var tokenizer = File.Exists(tokenizerPath) ? TextTokenizer.Load(tokenizerPath) : null;
+            return new LoadedModel(directory, model, tokenizer);
+        }
+        catch
+        {
+            model.Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>The tokenizer, or a clear error when text was given to a folder without one.</summary>
+    public TextTokenizer RequireTokenizer() => Tokenizer
+        ?? throw new ModelLoadException($"'{Directory}' has no tokenizer.json; pass token ids instead of text.");
+
+    /// <inheritdoc/>
+    public void Dispose()
+    {
+        Model.Dispose();
+        Tokenizer?.Dispose();
+    }
+}
