@@ -55,57 +55,45 @@ public sealed class TextGenerator
         {
             throw new ContextLengthException(needed, _model.ContextLength);
         }
-        var vocab = _model.Config.VocabSize;
-        var bad = promptIds.FirstOrDefault(id => id < 0 || id >= vocab, -1);
-        if (promptIds.Any(id => id < 0 || id >= vocab))
-        {
-            throw new ArgumentException($"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", nameof(promptIds));
-        }
+        EnsureInVocabulary(promptIds, _model.Config.VocabSize);
         return Run(promptIds, parameters, dslaLayers, cancellationToken);
+    }
+
+    /// <summary>Throws when an id is outside 0..vocab-1, naming it.</summary>
+    public static void EnsureInVocabulary(IReadOnlyList<int> ids, int vocab)
+    {
+        foreach (var id in ids)
+        {
+            if (id < 0 || id >= vocab)
+            {
+                throw new ArgumentException($"Token id {id} is outside the vocabulary (0..{vocab - 1}).", nameof(ids));
+            }
+        }
     }
 
     private IEnumerable<GeneratedToken> Run(IReadOnlyList<int> promptIds, SamplingParameters parameters, IReadOnlyList<bool>? dslaLayers, CancellationToken cancellationToken)
     {
         using var cache = new SequenceCache(_model.Config.NumHiddenLayers, promptIds.Count + parameters.MaxTokens);
-        using var sampler = new TokenSampler(parameters, _model.Device);
-        var history = new List<int>(promptIds);
-        var stopIds = parameters.IgnoreEos ? parameters.StopTokenIds.ToHashSet() : parameters.StopTokenIds.Concat(_model.Config.EosTokenIds).ToHashSet();
-        var decoder = _tokenizer?.CreateDecoder();
-        var stops = new StopSequenceMatcher(parameters.StopSequences);
-        var next = Step(cache, promptIds, sampler, history, dslaLayers, prefill: true);
-        for (var produced = 1; ; produced++)
+        using var stream = new TokenStream(parameters, promptIds, _model.Config.EosTokenIds, _tokenizer, _model.Device);
+        var next = Step(cache, promptIds, stream, dslaLayers, prefill: true);
+        while (true)
         {
             if (cancellationToken.IsCancellationRequested)
             {
                 yield return new GeneratedToken(next.Token, string.Empty, next.LogProb, FinishReason.Cancelled);
                 yield break;
             }
-            history.Add(next.Token);
-            if (stopIds.Contains(next.Token))
+            var token = stream.Accept(next.Token, next.LogProb);
+            yield return token;
+            if (token.Finish is not null)
             {
-                yield return new GeneratedToken(next.Token, stops.Flush(), next.LogProb, FinishReason.Stop);
                 yield break;
             }
-            var piece = decoder?.Push(next.Token) ?? string.Empty;
-            var (released, hitStop) = stops.Push(piece);
-            if (hitStop)
-            {
-                yield return new GeneratedToken(next.Token, released, next.LogProb, FinishReason.Stop);
-                yield break;
-            }
-            if (produced >= parameters.MaxTokens)
-            {
-                var (tail, stoppedInTail) = stops.Push(decoder?.Flush() ?? string.Empty);
-                var rest = stoppedInTail ? string.Empty : stops.Flush();
-                yield return new GeneratedToken(next.Token, released + tail + rest, next.LogProb, stoppedInTail ? FinishReason.Stop : FinishReason.Length);
-                yield break;
-            }
-            yield return new GeneratedToken(next.Token, released, next.LogProb, null);
-            next = Step(cache, [next.Token], sampler, history, dslaLayers, prefill: false);
+            next = Step(cache, [next.Token], stream, dslaLayers, prefill: false);
         }
     }
 
-    private (int Token, float LogProb) Step(SequenceCache cache, IReadOnlyList<int> ids, TokenSampler sampler, List<int> history, IReadOnlyList<bool>? dslaLayers, bool prefill)
+    private (int Token, float LogProb) Step(SequenceCache cache, IReadOnlyList<int> ids, TokenStream stream, IReadOnlyList<bool>? dslaLayers, bool prefill)
     {
         using var scope = NewDisposeScope();
         using var mode = inference_mode();
@@ -117,7 +105,7 @@ public sealed class TextGenerator
             var input = tensor(ids.Skip(start).Take(count).Select(i => (long)i).ToArray(), device: _model.Device).unsqueeze(0);
             logits = _model.Forward(input, [cache], dslaLayers, lastPositionOnly: true);
         }
-        return sampler.Next(logits![0, 0], history);
+        return stream.Sample(logits![0, 0]);
     }
 }
 
