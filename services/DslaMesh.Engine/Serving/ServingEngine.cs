@@ -106,7 +106,14 @@ public sealed partial class ServingEngine : IDisposable
         return command.Completion.Task.WaitAsync(cancellationToken);
     }
 
-    /// <summary>Stops admitting requests; running and queued ones finish. Completes when none is left or the token fires.</summary>
+    /// <summary>Stops admitting requests; running and queued ones finish.</summary>
+    public void BeginDrain()
+    {
+        _draining = true;
+        _signal.Release();
+    }
+
+    /// <summary>Stops admitting requests; completes when no request is left or the token fires.</summary>
     public async Task DrainAsync(CancellationToken cancellationToken)
     {
         _draining = true;
