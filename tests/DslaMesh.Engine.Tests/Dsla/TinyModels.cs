@@ -62,6 +62,13 @@ internal static class TinyModels
         return (a.to(ScalarType.Float64) - b.to(ScalarType.Float64)).abs().max().item<double>();
     }
 
+    /// <summary>Same shape and every element equal.</summary>
+    public static bool BitwiseEqual(Tensor a, Tensor b)
+    {
+        using var scope = NewDisposeScope();
+        return a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && a.eq(b).all().item<bool>();
+    }
+
     /// <summary>Asserts max |a − b| ≤ tolerance, naming what was compared.</summary>
     public static void Close(Tensor expected, Tensor actual, double tolerance, string what)
     {
