@@ -5,42 +5,6 @@ using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Dsla;
 
-/// <summary>The kinds of attention replacement a layer set can hold.</summary>
-public enum DslaVariant
-{
-    /// <summary>The paper's dual-state layer: gates from the layer input x (<see cref="DslaAttention"/>).</summary>
-    Dsla,
-
-    /// <summary>Dual-state layer whose states fold exactly from the replaced layer's KV cache (<see cref="FoldableDslaAttention"/>).</summary>
-    DslaFoldable,
-
-    /// <summary>Single-state GLA baseline for the ablation (<see cref="GlaAttention"/>).</summary>
-    Gla,
-}
-
-/// <summary>The variants' wire names: <c>dsla</c>, <c>dsla-foldable</c>, <c>gla</c>.</summary>
-public static class DslaVariants
-{
-    /// <summary>The wire name of a variant.</summary>
-    public static string Name(DslaVariant variant) => variant switch
-    {
-        DslaVariant.Dsla => "dsla",
-        DslaVariant.DslaFoldable => "dsla-foldable",
-        DslaVariant.Gla => "gla",
-        _ => throw new ArgumentOutOfRangeException(nameof(variant), variant, null),
-    };
-
-    /// <summary>Parses a wire name (case-insensitive).</summary>
-    /// <exception cref="ArgumentException">Unknown name.</exception>
-    public static DslaVariant Parse(string name) => name?.Trim().ToLowerInvariant() switch
-    {
-        "dsla" => DslaVariant.Dsla,
-        "dsla-foldable" => DslaVariant.DslaFoldable,
-        "gla" => DslaVariant.Gla,
-        _ => throw new ArgumentException($"Unknown DSLA variant '{name}' (known: dsla, dsla-foldable, gla).", nameof(name)),
-    };
-}
-
 /// <summary>
 /// Shared machinery of the gated-linear-attention mixers (DSLA, foldable DSLA, GLA): the per-sequence state handling
 /// behind <see cref="ITokenMixer.Forward"/>. A subclass supplies the features (q, k, v and one fp32 log-gate per state),
@@ -55,11 +19,13 @@ public static class DslaVariants
 /// </summary>
 public abstract class GatedLinearMixer : nn.Module, ITokenMixer
 {
-    /// <summary>The reference code divides the gate log-sigmoid by 16 (so σ(0) decays to 0.5 over 16 tokens).</summary>
+    /// <summary>The reference code divides the gate log-sigmoid by 16 (at z = 0 the state halves every 16 tokens).</summary>
     public const double GateLogitNormalizer = 16.0;
 
     /// <summary>Lower clamp of the log-gate.</summary>
     public const double GateClampMin = -50.0;
+
+    private int _chunkSize = DslaOps.DefaultChunkSize;
 
     protected GatedLinearMixer(string name, LlamaConfig config, int stateCount) : base(name)
     {
@@ -86,8 +52,17 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     /// <summary>States per sequence (2 for DSLA, 1 for GLA).</summary>
     public int StateCount { get; }
 
-    /// <summary>Chunk length of the chunked form.</summary>
-    public int ChunkSize { get; set; } = DslaOps.DefaultChunkSize;
+    /// <summary>Chunk length of the chunked form (prefill and training). Smaller chunks need less memory per token
+    /// (B·Hkv·T·C·hd floats for the pairwise decays); 16–64 are sensible.</summary>
+    public int ChunkSize
+    {
+        get => _chunkSize;
+        set
+        {
+            ArgumentOutOfRangeException.ThrowIfLessThan(value, 1);
+            _chunkSize = value;
+        }
+    }
 
     /// <summary>Which variant this is.</summary>
     public abstract DslaVariant Variant { get; }
@@ -200,6 +175,14 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     private DslaState[] StatesFor(IReadOnlyList<SequenceCache> caches, int[] startPositions, int layer, Device device)
     {
         var kvRows = Enumerable.Range(0, caches.Count).Where(r => caches[r][layer] is KvState).ToList();
+        foreach (var row in kvRows)
+        {
+            var length = ((KvState)caches[row][layer]!).Length;
+            if (length != startPositions[row])
+            {
+                throw new InvalidOperationException($"Layer {layer}'s KV cache holds {length} positions but the sequence is at position {startPositions[row]}; it cannot be folded.");
+            }
+        }
         if (kvRows.Count > 0)
         {
             var folded = FoldCaches(kvRows.Select(r => (KvState)caches[r][layer]!).ToList(), layer);
