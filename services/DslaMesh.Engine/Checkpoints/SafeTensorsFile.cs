@@ -24,13 +24,14 @@ public sealed class SafeTensorsFile : IDisposable
     private readonly long _dataStart;
     private readonly long _length;
 
-    private SafeTensorsFile(string path, MemoryMappedFile map, long dataStart, long length, Dictionary<string, SafeTensorEntry> entries)
+    private SafeTensorsFile(string path, MemoryMappedFile map, long dataStart, long length, Dictionary<string, SafeTensorEntry> entries, Dictionary<string, string> metadata)
     {
         Path = path;
         _map = map;
         _dataStart = dataStart;
         _length = length;
         Entries = entries;
+        Metadata = metadata;
     }
 
     /// <summary>The file's path.</summary>
@@ -38,6 +39,9 @@ public sealed class SafeTensorsFile : IDisposable
 
     /// <summary>The tensors this file holds, by name.</summary>
     public IReadOnlyDictionary<string, SafeTensorEntry> Entries { get; }
+
+    /// <summary>The header's <c>__metadata__</c> (string to string), empty when absent.</summary>
+    public IReadOnlyDictionary<string, string> Metadata { get; }
 
     /// <summary>Opens and validates a safetensors file.</summary>
     /// <exception cref="ModelLoadException">The file is missing, truncated or has a malformed header.</exception>
@@ -63,8 +67,8 @@ public sealed class SafeTensorsFile : IDisposable
             }
             var header = new byte[headerLength];
             view.ReadArray(8, header, 0, header.Length);
-            var entries = ParseHeader(path, header, length - 8 - headerLength);
-            return new SafeTensorsFile(path, map, 8 + headerLength, length, entries);
+            var (entries, metadata) = ParseHeader(path, header, length - 8 - headerLength);
+            return new SafeTensorsFile(path, map, 8 + headerLength, length, entries, metadata);
         }
         catch
         {
@@ -179,9 +183,10 @@ public sealed class SafeTensorsFile : IDisposable
         File.Move(temp, path, overwrite: true);
     }
 
-    private static Dictionary<string, SafeTensorEntry> ParseHeader(string path, byte[] header, long dataLength)
+    private static (Dictionary<string, SafeTensorEntry> Entries, Dictionary<string, string> Metadata) ParseHeader(string path, byte[] header, long dataLength)
     {
         var entries = new Dictionary<string, SafeTensorEntry>(StringComparer.Ordinal);
+        var metadata = new Dictionary<string, string>(StringComparer.Ordinal);
         try
         {
             using var document = JsonDocument.Parse(header);
@@ -189,6 +194,13 @@ public sealed class SafeTensorsFile : IDisposable
             {
                 if (property.Name == "__metadata__")
                 {
+                    if (property.Value.ValueKind == JsonValueKind.Object)
+                    {
+                        foreach (var item in property.Value.EnumerateObject())
+                        {
+                            metadata[item.Name] = item.Value.ValueKind == JsonValueKind.String ? item.Value.GetString() ?? "" : item.Value.GetRawText();
+                        }
+                    }
                     continue;
                 }
                 var value = property.Value;
@@ -212,7 +224,7 @@ public sealed class SafeTensorsFile : IDisposable
         {
             throw new ModelLoadException($"'{path}' has a malformed safetensors header: {e.Message}", e);
         }
-        return entries;
+        return (entries, metadata);
     }
 
     private static int ElementSize(ScalarType type) => type switch

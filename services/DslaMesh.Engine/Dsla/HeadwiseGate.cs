@@ -1,0 +1,54 @@
+using TorchSharp.Modules;
+using TorchSharp.Utils;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Dsla;
+
+/// <summary>
+/// A per-KV-head linear map of the key, the foldable layer's gate pre-activation: z[b, h, t] = k[b, h, t] W[h] + bias[h],
+/// computed in fp32. weight [Hkv, hd, hd] (input dim first), bias [Hkv, hd].
+/// </summary>
+public sealed class HeadwiseGate : nn.Module<Tensor, Tensor>
+{
+    [ComponentName(Name = "weight")]
+    private readonly Parameter _weight;
+    [ComponentName(Name = "bias")]
+    private readonly Parameter _bias;
+
+    public HeadwiseGate(long heads, long dim, ScalarType dtype, Device device) : base("HeadwiseGate")
+    {
+        _weight = new Parameter(empty(heads, dim, dim, dtype: dtype, device: device), requires_grad: false);
+        _bias = new Parameter(zeros(heads, dim, dtype: dtype, device: device), requires_grad: false);
+        RegisterComponents();
+    }
+
+    /// <summary>Weight [Hkv, hd, hd].</summary>
+    public Parameter Weight => _weight;
+
+    /// <summary>Bias [Hkv, hd].</summary>
+    public Parameter Bias => _bias;
+
+    /// <summary>k [B, Hkv, T, hd] (any dtype) → z [B, Hkv, T, hd] fp32.</summary>
+    public override Tensor forward(Tensor k)
+    {
+        using var scope = NewDisposeScope();
+        var z = matmul(k.to(ScalarType.Float32), _weight.to(ScalarType.Float32)) + _bias.to(ScalarType.Float32).unsqueeze(1);
+        return z.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>W[h] = I, bias = 0 (call under no_grad).</summary>
+    public void InitializeIdentity()
+    {
+        using var scope = NewDisposeScope();
+        _weight.copy_(eye(_weight.shape[1], dtype: _weight.dtype, device: _weight.device).expand(_weight.shape));
+        _bias.zero_();
+    }
+
+    /// <summary>W ~ U(±1/√hd), bias = 0 (call under no_grad).</summary>
+    public void InitializeUniform(Generator generator)
+    {
+        var bound = 1.0 / Math.Sqrt(_weight.shape[1]);
+        _weight.uniform_(-bound, bound, generator);
+        _bias.zero_();
+    }
+}
