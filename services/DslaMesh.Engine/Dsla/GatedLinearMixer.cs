@@ -104,6 +104,27 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
         "from it: its keys, values and gates are functions of the layer inputs, which the KV cache does not hold. Use the 'dsla-foldable' " +
         "variant to convert in-flight sequences, or convert this layer only for new sequences.");
 
+    /// <summary>
+    /// Folds layer <paramref name="layer"/> of every cache that still holds a softmax KV cache there into this mixer's
+    /// states in one batched pass, replacing the entries (which frees the KV memory). Returns how many were folded.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">This variant cannot fold.</exception>
+    public int FoldLayer(IReadOnlyList<SequenceCache> caches, int layer)
+    {
+        ArgumentNullException.ThrowIfNull(caches);
+        var pending = caches.Where(c => c[layer] is KvState).ToList();
+        if (pending.Count == 0)
+        {
+            return 0;
+        }
+        var folded = FoldCaches(pending.Select(c => (KvState)c[layer]!).ToList(), layer);
+        for (var i = 0; i < pending.Count; i++)
+        {
+            pending[i][layer] = folded[i];
+        }
+        return pending.Count;
+    }
+
     /// <summary>The log-gates [B, Hkv, T, hd] fp32 for x [B, T, D] (for the gate cosine loss in distillation).</summary>
     public Tensor[] LogGates(Tensor x)
     {

@@ -61,12 +61,3 @@ public interface ITokenMixer
     Tensor Forward(Tensor x, ForwardContext context, int layer);
 }
 
-/// <summary>
-/// A token mixer whose per-sequence state can be computed from the KV cache of the softmax layer it replaces, so a
-/// layer can switch to it in the middle of a sequence without dropping or recomputing anything.
-/// </summary>
-public interface IKvFoldingMixer : ITokenMixer
-{
-    /// <summary>The state this mixer would hold after the cached tokens (positions 0..kv.Length-1).</summary>
-    ILayerState Fold(KvState kv);
-}

@@ -9,6 +9,7 @@ internal sealed class ActiveSequence : IDisposable
 {
     private readonly SortedSet<int> _prefillDsla = [];
     private readonly SortedSet<int> _decodeDsla = [];
+    private readonly List<LayerSwitch> _switches = [];
 
     public ActiveSequence(GenerationRequest request, bool[] mix, LlamaForCausalLM model, TextTokenizer? tokenizer)
     {
@@ -66,6 +67,16 @@ internal sealed class ActiveSequence : IDisposable
         return true;
     }
 
+    /// <summary>Marks <paramref name="layer"/> as DSLA from the current position on.</summary>
+    public void SwitchToDsla(int layer)
+    {
+        Mix[layer] = true;
+        if (PromptProcessed > 0)
+        {
+            _switches.Add(new LayerSwitch(layer, Cache.Length));
+        }
+    }
+
     public void RecordPrefillMix()
     {
         for (var i = 0; i < Mix.Length; i++)
@@ -115,7 +126,7 @@ internal sealed class ActiveSequence : IDisposable
             }
         }
         var saved = dslaLayers == 0 ? 0 : (dslaLayers * kvPerTokenPerLayer * Cache.Length) - stateBytes;
-        return new ConversionReceipt([.. _prefillDsla], [.. _decodeDsla], Mix.Length, saved, variant);
+        return new ConversionReceipt([.. _prefillDsla], [.. _decodeDsla], Mix.Length, saved, variant, _switches);
     }
 
     public void Dispose()

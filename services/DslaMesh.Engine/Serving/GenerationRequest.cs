@@ -84,7 +84,11 @@ public sealed record GenerationTimings(double QueueSeconds, double TimeToFirstTo
 /// <param name="LayerCount">Layers in the model.</param>
 /// <param name="KvBytesSaved">KV-cache bytes the request did not hold at its end because those layers kept DSLA states instead.</param>
 /// <param name="Variant">The DSLA variant served.</param>
-public sealed record ConversionReceipt(IReadOnlyList<int> PrefillDslaLayers, IReadOnlyList<int> DecodeDslaLayers, int LayerCount, long KvBytesSaved, string Variant);
+/// <param name="Switches">Layers converted while the request ran, with the position at which its KV cache was folded.</param>
+public sealed record ConversionReceipt(IReadOnlyList<int> PrefillDslaLayers, IReadOnlyList<int> DecodeDslaLayers, int LayerCount, long KvBytesSaved, string Variant, IReadOnlyList<LayerSwitch> Switches);
+
+/// <summary>A layer that became DSLA for a running sequence: its first <see cref="Position"/> tokens were folded.</summary>
+public sealed record LayerSwitch(int Layer, int Position);
 
 /// <summary>The admission queue is full; retry after <see cref="RetryAfter"/>.</summary>
 public sealed class QueueFullException : Exception

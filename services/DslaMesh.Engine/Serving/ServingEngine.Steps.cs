@@ -1,6 +1,6 @@
 using System.Diagnostics;
+using DslaMesh.Engine.Dsla;
 using DslaMesh.Engine.Inference;
-using DslaMesh.Engine.Models;
 using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Serving;
@@ -58,22 +58,18 @@ public sealed partial class ServingEngine
         {
             return;
         }
-        var folding = _model.Layers[layer].Replacement as IKvFoldingMixer;
-        foreach (var sequence in _active)
+        var eligible = _active.Where(s => !s.Mix[layer] && s.AcceptsAnotherDslaLayer()).ToList();
+        if (_model.Layers[layer].Replacement is GatedLinearMixer { CanFold: true } mixer)
         {
-            if (sequence.Mix[layer] || !sequence.AcceptsAnotherDslaLayer())
+            mixer.FoldLayer(eligible.Select(s => s.Cache).ToList(), layer);   // one batched fold; frees their KV for the layer
+        }
+        foreach (var sequence in eligible)
+        {
+            // A sequence whose history cannot be folded keeps attention for this layer until it finishes.
+            if (sequence.Cache[layer] is not KvState)
             {
-                continue;
+                sequence.SwitchToDsla(layer);
             }
-            if (sequence.Cache[layer] is KvState kv)
-            {
-                if (folding is null)
-                {
-                    continue;   // cannot move this sequence's history into DSLA; it keeps attention for the layer
-                }
-                sequence.Cache[layer] = folding.Fold(kv);   // disposes the KV tensors
-            }
-            sequence.Mix[layer] = true;
         }
     }
 
@@ -232,7 +228,7 @@ public sealed partial class ServingEngine
         var total = Stopwatch.GetElapsedTime(request.SubmittedTimestamp, now).TotalSeconds;
         var queue = sequence is { StartedTimestamp: > 0 } ? Stopwatch.GetElapsedTime(request.SubmittedTimestamp, sequence.StartedTimestamp).TotalSeconds : total;
         var ttft = sequence is { FirstTokenTimestamp: > 0 } ? Stopwatch.GetElapsedTime(request.SubmittedTimestamp, sequence.FirstTokenTimestamp).TotalSeconds : 0;
-        var receipt = sequence?.Receipt(Variant) ?? new ConversionReceipt([], [], _mix.Length, 0, Variant);
+        var receipt = sequence?.Receipt(Variant) ?? new ConversionReceipt([], [], _mix.Length, 0, Variant, []);
         var usage = new GenerationUsage(request.PromptIds.Count, sequence?.Stream.Generated.Count ?? 0);
         _observer.OnRequestFinished(total, reason, usage, receipt.KvBytesSaved);
         request.Events.Writer.TryWrite(new CompletionEvent(reason, usage, new GenerationTimings(queue, ttft, total), receipt));
