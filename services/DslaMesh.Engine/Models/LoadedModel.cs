@@ -1,4 +1,5 @@
 using DslaMesh.Engine.Backends;
+using DslaMesh.Engine.Dsla;
 using DslaMesh.Engine.Tokenization;
 
 namespace DslaMesh.Engine.Models;
@@ -6,11 +7,39 @@ namespace DslaMesh.Engine.Models;
 /// <summary>A model folder loaded onto a device: the network and, when the folder has one, its tokenizer.</summary>
 public sealed class LoadedModel : IDisposable
 {
-    private LoadedModel(string directory, LlamaForCausalLM model, TextTokenizer? tokenizer)
+    private LoadedModel(string directory, LlamaForCausalLM model, TextTokenizer? tokenizer, DslaManifest? manifest)
     {
         Directory = directory;
         Model = model;
         Tokenizer = tokenizer;
+        Manifest = manifest;
+    }
+
+    /// <summary>The DSLA manifest (conversion order, distilled variants), or null when the folder has none.</summary>
+    public DslaManifest? Manifest { get; }
+
+    /// <summary>The attached DSLA layers, after <see cref="AttachDsla"/>.</summary>
+    public DslaLayerSet? Dsla { get; private set; }
+
+    /// <summary>Layers in conversion order: the manifest's sensitivity order, else last layer first.</summary>
+    public IReadOnlyList<int> ConversionOrder => Manifest is { Order.Count: > 0 } m
+        ? m.Order
+        : Enumerable.Range(0, Model.Config.NumHiddenLayers).Reverse().ToArray();
+
+    /// <summary>
+    /// Loads and attaches a distilled variant listed in the manifest; returns false (attaching nothing) when the folder
+    /// has no weights for it.
+    /// </summary>
+    /// <exception cref="ModelLoadException">The manifest lists the variant but its weights cannot be loaded.</exception>
+    public bool AttachDsla(string variant)
+    {
+        if (Manifest?.WeightsPath(Directory, variant) is not { } path)
+        {
+            return false;
+        }
+        Dsla?.Dispose();
+        Dsla = DslaLayerSet.Load(Model, path);
+        return true;
     }
 
     /// <summary>The checkpoint folder.</summary>
@@ -32,7 +61,7 @@ public sealed class LoadedModel : IDisposable
         {
             var tokenizerPath = Path.Combine(directory, "tokenizer.json");
             var tokenizer = File.Exists(tokenizerPath) ? TextTokenizer.Load(tokenizerPath) : null;
-            return new LoadedModel(directory, model, tokenizer);
+            return new LoadedModel(directory, model, tokenizer, DslaManifest.TryLoad(directory));
         }
         catch
         {
@@ -48,6 +77,7 @@ public sealed class LoadedModel : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        Dsla?.Dispose();
         Model.Dispose();
         Tokenizer?.Dispose();
     }

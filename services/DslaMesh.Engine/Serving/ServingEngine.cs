@@ -29,6 +29,7 @@ public sealed partial class ServingEngine : IDisposable
     private readonly bool[] _mix;
     private readonly IServingObserver _observer;
     private int _queued;
+    private int _disposed;
     private volatile int _activeCount;
     private long _epoch = -1;
     private volatile bool _draining;
@@ -155,6 +156,10 @@ public sealed partial class ServingEngine : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        if (Interlocked.Exchange(ref _disposed, 1) != 0)
+        {
+            return;
+        }
         _shutdown.Cancel();
         _signal.Release();
         _thread.Join(TimeSpan.FromSeconds(30));

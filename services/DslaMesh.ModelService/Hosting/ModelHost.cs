@@ -48,10 +48,12 @@ public sealed partial class ModelHost : BackgroundService
             var started = TimeProvider.System.GetTimestamp();
             _loaded = LoadedModel.Load(_options.ModelPath, _options.Backend, _options.MaxContextTokens > 0 ? _options.MaxContextTokens : null);
             var model = _loaded.Model;
-            var order = Enumerable.Range(0, model.Config.NumHiddenLayers).ToArray();
+            var variant = _loaded.AttachDsla(_options.DslaVariant) ? _options.DslaVariant : "none";
+            var order = _loaded.ConversionOrder;
             var name = _options.ModelName ?? new DirectoryInfo(_options.ModelPath).Name;
-            _engine = new ServingEngine(model, _loaded.Tokenizer, _options.Engine, order, "none", _metrics);
-            Model = new ServedModel(name, model.Config.NumHiddenLayers, order, "none", model.ContextLength, model.Config.VocabSize);
+            _engine = new ServingEngine(model, _loaded.Tokenizer, _options.Engine, order, variant, _metrics);
+            Model = new ServedModel(name, model.Config.NumHiddenLayers, order, variant, model.ContextLength, model.Config.VocabSize);
+            Log.DslaAttached(_logger, variant, _loaded.Dsla?.Layers.Count ?? 0);
             _metrics.SetLayerCount(model.Config.NumHiddenLayers);
             Log.Loaded(_logger, name, model.Config.NumHiddenLayers, TimeProvider.System.GetElapsedTime(started).TotalSeconds);
             _ready.TrySetResult();
@@ -67,8 +69,9 @@ public sealed partial class ModelHost : BackgroundService
     /// <inheritdoc/>
     public override void Dispose()
     {
-        _engine?.Dispose();
-        _loaded?.Dispose();
+        // Registered as a singleton and as a hosted service, so the container may dispose it twice.
+        Interlocked.Exchange(ref _engine, null)?.Dispose();
+        Interlocked.Exchange(ref _loaded, null)?.Dispose();
         base.Dispose();
     }
 
@@ -79,6 +82,9 @@ public sealed partial class ModelHost : BackgroundService
 
         [LoggerMessage(2, LogLevel.Information, "Model {Name} ready: {Layers} layers, loaded in {Seconds:F1} s", EventName = "ModelLoaded")]
         public static partial void Loaded(ILogger logger, string name, int layers, double seconds);
+
+        [LoggerMessage(4, LogLevel.Information, "DSLA variant {Variant} attached to {Layers} layers", EventName = "DslaAttached")]
+        public static partial void DslaAttached(ILogger logger, string variant, int layers);
 
         [LoggerMessage(3, LogLevel.Critical, "Model load from {Path} failed", EventName = "ModelLoadFailed")]
         public static partial void LoadFailed(ILogger logger, string path, Exception error);

@@ -25,8 +25,20 @@ public sealed class ModelServiceOptions
     public string? ServiceId { get; set; }
 
     /// <summary>The address other components reach this service at (registered in Redis).</summary>
-    /// <remarks>Default: the first address Kestrel listens on.</remarks>
+    /// <remarks>Default: the <c>Kestrel:Endpoints:Http</c> URL.</remarks>
     public string? AdvertisedAddress { get; set; }
+
+    /// <summary>
+    /// Which distilled variant to attach for live conversion (<c>dsla-foldable</c> folds in-flight KV caches exactly;
+    /// <c>dsla</c> and <c>gla</c> convert only new sequences).
+    /// </summary>
+    /// <remarks>Default value is <c>dsla-foldable</c>.</remarks>
+    [RegularExpression("^(dsla|dsla-foldable|gla)$")]
+    public string DslaVariant { get; set; } = "dsla-foldable";
+
+    /// <summary>The gRPC address other components use (registered in Redis).</summary>
+    /// <remarks>Default: the <c>Kestrel:Endpoints:Grpc</c> URL.</remarks>
+    public string? AdvertisedGrpcAddress { get; set; }
 
     /// <summary>Longest sequence (prompt + generated) served; 0 = the model's max_position_embeddings.</summary>
     [Range(0, 1 << 20)]

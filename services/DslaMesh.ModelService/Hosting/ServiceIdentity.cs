@@ -1,27 +1,35 @@
-using Microsoft.AspNetCore.Hosting.Server;
-using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.Extensions.Options;
 
 namespace DslaMesh.ModelService.Hosting;
 
-/// <summary>This replica's id and the address it advertises (known once Kestrel has bound its ports).</summary>
+/// <summary>
+/// This replica's id and the addresses it advertises. Kestrel serves plain-text HTTP/2 (gRPC) only on an
+/// HTTP/2-only endpoint, so the service listens twice: <c>Kestrel:Endpoints:Http</c> (HTTP/1.1 and HTTP/2: OpenAI API,
+/// health, metrics) and <c>Kestrel:Endpoints:Grpc</c> (HTTP/2: gRPC).
+/// </summary>
 public sealed class ServiceIdentity
 {
-    private readonly IServer _server;
     private readonly ModelServiceOptions _options;
-    private string? _address;
+    private readonly IConfiguration _configuration;
 
-    public ServiceIdentity(IServer server, IOptions<ModelServiceOptions> options)
+    public ServiceIdentity(IOptions<ModelServiceOptions> options, IConfiguration configuration)
     {
-        _server = server;
         _options = options.Value;
+        _configuration = configuration;
     }
 
-    /// <summary>The address clients and the controller use, e.g. <c>http://127.0.0.1:5101</c>.</summary>
-    public string Address => _address ??= _options.AdvertisedAddress
-        ?? _server.Features.Get<IServerAddressesFeature>()?.Addresses.FirstOrDefault()?.Replace("0.0.0.0", "127.0.0.1", StringComparison.Ordinal).Replace("[::]", "127.0.0.1", StringComparison.Ordinal)
-        ?? "http://127.0.0.1";
+    /// <summary>The HTTP address, e.g. <c>http://127.0.0.1:5100</c>.</summary>
+    public string Address => _options.AdvertisedAddress ?? Loopback(_configuration["Kestrel:Endpoints:Http:Url"]) ?? "http://127.0.0.1:5100";
+
+    /// <summary>The gRPC address, e.g. <c>http://127.0.0.1:5101</c>.</summary>
+    public string GrpcAddress => _options.AdvertisedGrpcAddress ?? Loopback(_configuration["Kestrel:Endpoints:Grpc:Url"]) ?? Address;
 
     /// <summary>The replica id.</summary>
     public string Id => _options.ServiceId ?? $"{Environment.MachineName}-{new Uri(Address).Port}".ToLowerInvariant();
+
+    private static string? Loopback(string? url) => url?
+        .Replace("0.0.0.0", "127.0.0.1", StringComparison.Ordinal)
+        .Replace("[::]", "127.0.0.1", StringComparison.Ordinal)
+        .Replace("://*", "://127.0.0.1", StringComparison.Ordinal)
+        .Replace("://+", "://127.0.0.1", StringComparison.Ordinal);
 }

@@ -29,15 +29,15 @@ public sealed class ServiceMetrics : IServingObserver
     {
         Registry = Prometheus.Metrics.NewCustomRegistry();
         var factory = Prometheus.Metrics.WithCustomRegistry(Registry);
-        _ttft = factory.CreateHistogram("vllm:time_to_first_token_seconds", "Time from request arrival to its first token.", new HistogramConfiguration { Buckets = LatencyBuckets });
-        _itl = factory.CreateHistogram("vllm:inter_token_latency_seconds", "Time between consecutive tokens of a stream.", new HistogramConfiguration { Buckets = LatencyBuckets });
-        _e2e = factory.CreateHistogram("vllm:e2e_request_latency_seconds", "Time from request arrival to its last token.", new HistogramConfiguration { Buckets = LatencyBuckets });
-        _running = factory.CreateGauge("vllm:num_requests_running", "Requests decoding or prefilling.");
-        _waiting = factory.CreateGauge("vllm:num_requests_waiting", "Requests waiting for admission.");
-        _kvUsage = factory.CreateGauge("vllm:kv_cache_usage_perc", "KV-cache memory in use as a fraction of the budget (0 when unlimited).");
-        _promptTokens = factory.CreateCounter("vllm:prompt_tokens_total", "Prompt tokens processed.");
-        _generationTokens = factory.CreateCounter("vllm:generation_tokens_total", "Tokens generated.");
-        _requests = factory.CreateCounter("vllm:request_success_total", "Finished requests by reason.", new CounterConfiguration { LabelNames = ["finished_reason"] });
+        _ttft = factory.CreateHistogram("time_to_first_token_seconds", "Time from request arrival to its first token.", new HistogramConfiguration { Buckets = LatencyBuckets });
+        _itl = factory.CreateHistogram("inter_token_latency_seconds", "Time between consecutive tokens of a stream.", new HistogramConfiguration { Buckets = LatencyBuckets });
+        _e2e = factory.CreateHistogram("e2e_request_latency_seconds", "Time from request arrival to its last token.", new HistogramConfiguration { Buckets = LatencyBuckets });
+        _running = factory.CreateGauge("num_requests_running", "Requests decoding or prefilling.");
+        _waiting = factory.CreateGauge("num_requests_waiting", "Requests waiting for admission.");
+        _kvUsage = factory.CreateGauge("kv_cache_usage_perc", "KV-cache memory in use as a fraction of the budget (0 when unlimited).");
+        _promptTokens = factory.CreateCounter("prompt_tokens_total", "Prompt tokens processed.");
+        _generationTokens = factory.CreateCounter("generation_tokens_total", "Tokens generated.");
+        _requests = factory.CreateCounter("request_success_total", "Finished requests by reason.", new CounterConfiguration { LabelNames = ["finished_reason"] });
         _layersConverted = factory.CreateGauge("dsla_layers_converted", "Layers new requests run as DSLA.");
         _conversions = factory.CreateCounter("dsla_conversions_total", "Layer conversions by direction.", new CounterConfiguration { LabelNames = ["direction"] });
         _stall = factory.CreateHistogram("dsla_swap_stall_seconds", "Engine pause to apply a conversion command (KV folding included).", new HistogramConfiguration { Buckets = LatencyBuckets });

@@ -6,6 +6,7 @@ namespace DslaMesh.ModelService.Registry;
 public sealed record ServiceRegistration(
     [property: JsonPropertyName("id")] string Id,
     [property: JsonPropertyName("address")] string Address,
+    [property: JsonPropertyName("grpc_address")] string GrpcAddress,
     [property: JsonPropertyName("model")] string Model,
     [property: JsonPropertyName("layer_count")] int LayerCount,
     [property: JsonPropertyName("sensitivity_order")] IReadOnlyList<int> SensitivityOrder,

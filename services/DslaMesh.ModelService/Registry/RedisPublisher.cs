@@ -71,7 +71,7 @@ public sealed partial class RedisPublisher : BackgroundService
         try
         {
             var db = _connection.GetDatabase();
-            var registration = new ServiceRegistration(_identity.Id, _identity.Address, model.Name, model.LayerCount, model.ConversionOrder, model.Variant,
+            var registration = new ServiceRegistration(_identity.Id, _identity.Address, _identity.GrpcAddress, model.Name, model.LayerCount, model.ConversionOrder, model.Variant,
                 model.ContextLength, _service.Engine.MaxBatchSize, _service.Engine.MaxQueuedRequests, _service.Engine.KvBudgetBytes, started);
             var snapshot = engine.Snapshot;
             var histogram = snapshot.PromptLengths.GroupBy(FleetKeys.PromptBucket).ToDictionary(g => g.Key, g => g.Count());
