@@ -78,6 +78,7 @@ public sealed class GenerationGrpcService : Generation.GenerationBase
         var receipt = new Receipt { LayerCount = done.Receipt.LayerCount, KvBytesSaved = done.Receipt.KvBytesSaved, Variant = done.Receipt.Variant };
         receipt.PrefillDslaLayers.Add(done.Receipt.PrefillDslaLayers);
         receipt.DecodeDslaLayers.Add(done.Receipt.DecodeDslaLayers);
+        receipt.Switches.Add(done.Receipt.Switches.Select(s => new Protos.V1.LayerSwitch { Layer = s.Layer, Position = s.Position }));
         return new Completion
         {
             FinishReason = done.Reason.ToString().ToLowerInvariant(),

@@ -187,19 +187,32 @@ public static class OpenAiEndpoints
     private static string[] ReadStop(JsonElement? stop) => stop switch
     {
         null or { ValueKind: JsonValueKind.Null } => [],
-        { ValueKind: JsonValueKind.String } s => [s.GetString()!],
-        { ValueKind: JsonValueKind.Array } a when a.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String) => a.EnumerateArray().Select(e => e.GetString()!).ToArray(),
+        { ValueKind: JsonValueKind.String } s => [Text(s, "stop")],
+        { ValueKind: JsonValueKind.Array } a when a.EnumerateArray().All(e => e.ValueKind == JsonValueKind.String) => a.EnumerateArray().Select(e => Text(e, "stop")).ToArray(),
         _ => throw new RequestRejectedException("stop", "stop must be a string or an array of strings"),
     };
 
     private static (string? Text, int[]? Ids) ReadPrompt(JsonElement? prompt) => prompt switch
     {
-        { ValueKind: JsonValueKind.String } s => (s.GetString(), null),
-        { ValueKind: JsonValueKind.Array } a when a.GetArrayLength() == 1 && a[0].ValueKind == JsonValueKind.String => (a[0].GetString(), null),
+        { ValueKind: JsonValueKind.String } s => (Text(s, "prompt"), null),
+        { ValueKind: JsonValueKind.Array } a when a.GetArrayLength() == 1 && a[0].ValueKind == JsonValueKind.String => (Text(a[0], "prompt"), null),
         { ValueKind: JsonValueKind.Array } a when a.GetArrayLength() > 0 && a.EnumerateArray().All(e => e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out _)) => (null, a.EnumerateArray().Select(e => e.GetInt32()).ToArray()),
         null or { ValueKind: JsonValueKind.Null } => throw new RequestRejectedException("prompt", "prompt is required"),
         _ => throw new RequestRejectedException("prompt", "prompt must be a string or an array of token ids (one prompt per request)"),
     };
+
+    /// <summary>A JSON string's value; invalid UTF-8 inside it is reported against the field.</summary>
+    private static string Text(JsonElement element, string field)
+    {
+        try
+        {
+            return element.GetString()!;
+        }
+        catch (InvalidOperationException e)
+        {
+            throw new RequestRejectedException(field, $"{field} is not valid UTF-8: {e.Message}");
+        }
+    }
 
     private static async Task StreamAsync(HttpContext http, System.Threading.Channels.ChannelReader<GenerationEvent> events, Func<string, string?, CompletionEvent?, byte[]> chunk)
     {
