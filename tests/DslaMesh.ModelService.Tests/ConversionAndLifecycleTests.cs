@@ -2,7 +2,7 @@ using System.Net;
 using System.Net.Http.Json;
 using System.Text.Json;
 using DslaMesh.Engine.Inference;
-using DslaMesh.ModelService.Registry;
+using DslaMesh.Fleet;
 using DslaMesh.Protos.V1;
 using Grpc.Core;
 using Grpc.Health.V1;

@@ -1,3 +1,4 @@
+using DslaMesh.Fleet;
 using System.Text.Json;
 using DslaMesh.ModelService.Hosting;
 using DslaMesh.ModelService.Metrics;

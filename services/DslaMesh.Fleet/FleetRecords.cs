@@ -1,6 +1,6 @@
 using System.Text.Json.Serialization;
 
-namespace DslaMesh.ModelService.Registry;
+namespace DslaMesh.Fleet;
 
 /// <summary>What a model service registers in Redis (<c>{prefix}:service:{id}</c>, refreshed with a TTL).</summary>
 public sealed record ServiceRegistration(
