@@ -1,5 +1,5 @@
-using DslaMesh.Fleet;
 using System.Text.Json;
+using DslaMesh.Fleet;
 using DslaMesh.ModelService.Hosting;
 using DslaMesh.ModelService.Metrics;
 using Microsoft.Extensions.Options;
