@@ -156,7 +156,7 @@ public sealed class BrownCorpus
 /// Form C: paragraphs are separated by blank lines, each line of a paragraph is one sentence, tokens are
 /// <c>word/tag</c> separated by spaces (the tag follows the last slash: <c>1-1/2/cd</c>). Quotes are tokens: <c>``</c>
 /// opens and <c>''</c> closes a double quote; a lone <c>'</c> alternately opens and closes a single quote within a
-/// paragraph. Contractions and possessives are single tokens already (<c>don't/do*</c>, <c>Atlanta's/np$</c>). A line
+/// paragraph; inside a word <c>''</c> is an inch mark (<c>1/2"</c>). Contractions and possessives are single tokens already (<c>don't/do*</c>, <c>Atlanta's/np$</c>). A line
 /// made only of headline tokens (<c>-hl</c> tags) becomes its own line.
 /// </remarks>
 public static class BrownText
@@ -274,7 +274,8 @@ public static class BrownText
                     (output, attachLeft, attachRight) = ("--", true, true);
                     break;
                 default:
-                    (output, attachLeft, attachRight) = (word, false, false);
+                    // Inch marks are written as quotes inside a word: 1/2''/nn → 1/2".
+                    (output, attachLeft, attachRight) = (word.Replace("''", "\"", StringComparison.Ordinal), false, false);
                     break;
             }
             if (text.Length > 0 && !glueNext && !attachLeft)
