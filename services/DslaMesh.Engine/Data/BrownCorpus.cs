@@ -156,7 +156,7 @@ public sealed class BrownCorpus
 /// Form C: paragraphs are separated by blank lines, each line of a paragraph is one sentence, tokens are
 /// <c>word/tag</c> separated by spaces (the tag follows the last slash: <c>1-1/2/cd</c>). Quotes are tokens: <c>``</c>
 /// opens and <c>''</c> closes a double quote; a lone <c>'</c> alternately opens and closes a single quote within a
-/// paragraph; inside a word <c>''</c> is an inch mark (<c>1/2"</c>). Contractions and possessives are single tokens already (<c>don't/do*</c>, <c>Atlanta's/np$</c>). A line
+/// paragraph; doubled final <c>; ? !</c> are collapsed and <c>, . ? !</c> move inside a closing double quote; inside a word <c>''</c> is an inch mark (<c>1/2"</c>). Contractions and possessives are single tokens already (<c>don't/do*</c>, <c>Atlanta's/np$</c>). A line
 /// made only of headline tokens (<c>-hl</c> tags) becomes its own line.
 /// </remarks>
 public static class BrownText
@@ -234,8 +234,9 @@ public static class BrownText
     /// <summary>Joins words of one paragraph with typeset spacing and quotes.</summary>
     public static string Detokenize(IReadOnlyList<string> words) => Detokenize(words, new QuoteState());
 
-    private static string Detokenize(IReadOnlyList<string> words, QuoteState state)
+    private static string Detokenize(IReadOnlyList<string> tokens, QuoteState state)
     {
+        var words = Normalize(tokens);
         var text = new StringBuilder();
         var glueNext = true;   // no space before the next word (start of paragraph, after an opener)
         for (var i = 0; i < words.Count; i++)
@@ -286,6 +287,33 @@ public static class BrownText
             glueNext = attachRight;
         }
         return text.ToString();
+    }
+
+    /// <summary>
+    /// Undoes two conventions of this edition: sentence-final <c>;</c>, <c>?</c> and <c>!</c> appear twice
+    /// (<c>?/. ?/.</c>), and periods, commas, question and exclamation marks follow the closing quote
+    /// (<c>received '' ,</c>); American typesetting puts them inside (<c>received,"</c>).
+    /// </summary>
+    private static List<string> Normalize(IReadOnlyList<string> tokens)
+    {
+        var words = new List<string>(tokens.Count);
+        foreach (var token in tokens)
+        {
+            if (token is ";" or "?" or "!" && words.Count > 0 && words[^1] == token)
+            {
+                continue;
+            }
+            words.Add(token);
+        }
+        for (var i = 0; i + 1 < words.Count; i++)
+        {
+            if (words[i] == "''" && words[i + 1] is "," or "." or "?" or "!")
+            {
+                (words[i], words[i + 1]) = (words[i + 1], words[i]);
+                i++;
+            }
+        }
+        return words;
     }
 
     /// <summary>Open/closed state of single quotes within a paragraph.</summary>

@@ -36,7 +36,7 @@ public sealed class BrownCorpusTests
         Assert.StartsWith(
             "The Fulton County Grand Jury said Friday an investigation of Atlanta's recent primary election produced \"no evidence\" that any irregularities took place.\n",
             first, StringComparison.Ordinal);
-        Assert.Contains("\"Only a relative handful of such reports was received\", the jury said, \"considering the widespread interest in the election,", first, StringComparison.Ordinal);
+        Assert.Contains("\"Only a relative handful of such reports was received,\" the jury said, \"considering the widespread interest in the election,", first, StringComparison.Ordinal);
         var all = string.Join("\n", corpus.Documents.Select(d => d.Text));
         Assert.DoesNotContain("/nn", all, StringComparison.Ordinal);
         Assert.DoesNotContain("/at ", all, StringComparison.Ordinal);
@@ -58,7 +58,9 @@ public sealed class BrownCorpusTests
     }
 
     [Theory]
-    [InlineData(new[] { "``", "Hello", "''", ",", "he", "said", "." }, "\"Hello\", he said.")]
+    [InlineData(new[] { "``", "Hello", "''", ",", "he", "said", "." }, "\"Hello,\" he said.")]
+    [InlineData(new[] { "``", "Nate", "''", "!", "!", "He", "shouted", ";", ";", "why", "?", "?" }, "\"Nate!\" He shouted; why?")]
+    [InlineData(new[] { "a", "``", "b", "''", ";", "c", "''", "." }, "a \"b\"; c.\"")]
     [InlineData(new[] { "He", "said", "'", "no", "'", "twice", "." }, "He said 'no' twice.")]
     [InlineData(new[] { "(", "see", "above", ")", ";", "then", "--", "stop", "!" }, "(see above); then--stop!")]
     [InlineData(new[] { "Ivan", "Allen", "Jr.", "." }, "Ivan Allen Jr.")]
