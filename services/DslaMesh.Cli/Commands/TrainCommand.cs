@@ -239,7 +239,8 @@ public static class TrainCommand
             _task ??= context.AddTask("training", maxValue: progress.TotalSteps);
             _task.MaxValue = progress.TotalSteps;
             _task.Value = progress.Step;
-            _task.Description = Markup.Escape(Format(progress) + _lastEvaluation);
+            _task.Description = Markup.Escape(string.Create(CultureInfo.InvariantCulture,
+                $"step {progress.Step}/{progress.TotalSteps} · loss {progress.Loss:F3} · {progress.TokensPerSecond:N0} tok/s · ETA {FormatSpan(progress.Remaining)}{_lastEvaluation}"));
         }
 
         public void OnEvaluation(EvaluationResult evaluation)

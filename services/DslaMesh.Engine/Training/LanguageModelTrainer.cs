@@ -165,6 +165,7 @@ public sealed class LanguageModelTrainer
         var sessionStartStep = state.Step;
         var lastReport = Stopwatch.StartNew();
         var lastReportStep = state.Step;
+        var pausedSeconds = 0.0;
         double? firstLoss = null;
         var lastLoss = double.NaN;
         var lossSum = zeros(1, dtype: ScalarType.Float32, device: _device).DetachFromDisposeScope();
@@ -207,7 +208,8 @@ public sealed class LanguageModelTrainer
                 if (state.Step % logEvery == 0 || state.Step == totalSteps)
                 {
                     var steps = state.Step - lastReportStep;
-                    var seconds = Math.Max(1e-9, lastReport.Elapsed.TotalSeconds);
+                    var seconds = Math.Max(1e-9, lastReport.Elapsed.TotalSeconds - pausedSeconds);
+                    pausedSeconds = 0;
                     var meanLoss = lossSum.item<float>() / steps;
                     var gradNorm = lastNorm.item<float>();
                     lossSum.zero_();
@@ -225,6 +227,7 @@ public sealed class LanguageModelTrainer
 
                 if (state.Step % evalEvery == 0 || state.Step == totalSteps)
                 {
+                    var evaluating = Stopwatch.StartNew();
                     var heldOut = Evaluate(model, heldOutStream, _run.EvalTokens);
                     var isBest = state.BestHeldOutLoss is not { } previous || heldOut.Loss < previous;
                     if (isBest)
@@ -236,13 +239,15 @@ public sealed class LanguageModelTrainer
                     }
                     _observer.OnEvaluation(new EvaluationResult(state.Step, heldOut.Loss, heldOut.Tokens, isBest));
                     AppendLog(logPath, new TrainLogLine { Step = state.Step, HeldOutLoss = heldOut.Loss, ElapsedSeconds = baseElapsed + session.Elapsed.TotalSeconds });
-                    lastReport.Restart();   // evaluation time is not training throughput
+                    pausedSeconds += evaluating.Elapsed.TotalSeconds;   // not training throughput
                 }
 
                 var stopping = _run.StopAfter > 0 && state.Step >= _run.StopAfter && state.Step < totalSteps;
                 if (state.Step % checkpointEvery == 0 || state.Step == totalSteps || stopping)
                 {
+                    var saving = Stopwatch.StartNew();
                     SaveCheckpoint(checkpointDir, model, optimizer, best, state, baseElapsed + session.Elapsed.TotalSeconds);
+                    pausedSeconds += saving.Elapsed.TotalSeconds;   // not training throughput
                 }
                 if (stopping)
                 {
@@ -397,7 +402,7 @@ public sealed class LanguageModelTrainer
         {
             SafeTensorsFile.Write(Path.Combine(temp, "best.safetensors"), best, new Dictionary<string, string> { ["step"] = state.BestStep.ToString(System.Globalization.CultureInfo.InvariantCulture) });
         }
-        File.WriteAllText(Path.Combine(temp, "state.json"), JsonSerializer.Serialize(state, TrainingJsonContext.Default.CheckpointState));
+        File.WriteAllText(Path.Combine(temp, "state.json"), TrainingJson.Serialize(state));
         var old = directory + ".old";
         if (Directory.Exists(old))
         {
@@ -488,7 +493,7 @@ public sealed class LanguageModelTrainer
                 Tf32 = _device.type == DeviceType.CUDA && _run.AllowTf32,
             };
         }
-        File.WriteAllText(Path.Combine(outDir, "training_manifest.json"), JsonSerializer.Serialize(manifest, TrainingJsonContext.Default.TrainingManifest) + "\n");
+        File.WriteAllText(Path.Combine(outDir, "training_manifest.json"), TrainingJson.Serialize(manifest) + "\n");
         return manifest;
     }
 

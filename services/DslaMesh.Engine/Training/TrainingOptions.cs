@@ -29,7 +29,7 @@ public sealed record TrainingRecipe
     [JsonPropertyName("steps")] public int Steps { get; init; }
 
     /// <summary>Passes over the training tokens, used when <see cref="Steps"/> is 0.</summary>
-    [JsonPropertyName("epochs")] public double Epochs { get; init; } = 1;
+    [JsonPropertyName("epochs")] public double Epochs { get; init; } = 10;
 
     [JsonPropertyName("peak_lr")] public double PeakLearningRate { get; init; } = 2e-3;
 

@@ -1,3 +1,4 @@
+using System.Text.Json;
 using System.Text.Json.Serialization;
 using DslaMesh.Engine.Backends;
 
@@ -152,6 +153,21 @@ public sealed class TrainLogLine
     [JsonPropertyName("tokens_per_second")] public double? TokensPerSecond { get; set; }
     [JsonPropertyName("heldout_loss")] public double? HeldOutLoss { get; set; }
     [JsonPropertyName("elapsed_seconds")] public double ElapsedSeconds { get; set; }
+}
+
+/// <summary>Serialisation of the training records with readable (unescaped) non-ASCII and markup characters.</summary>
+internal static class TrainingJson
+{
+    private static readonly JsonSerializerOptions Readable = new(TrainingJsonContext.Default.Options)
+    {
+        Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    };
+
+    private static readonly TrainingJsonContext Context = new(Readable);
+
+    public static string Serialize(TrainingManifest manifest) => JsonSerializer.Serialize(manifest, Context.TrainingManifest);
+
+    public static string Serialize(CheckpointState state) => JsonSerializer.Serialize(state, Context.CheckpointState);
 }
 
 /// <summary>Source-generated JSON for the training records.</summary>
