@@ -55,7 +55,9 @@ public static class TrainCommand
             command.Options.Add(option);
         }
 
-        command.SetAction((result, cancellationToken) => GuardAsync(() =>
+        // The body runs on a worker thread so that InvokeAsync returns at once and System.CommandLine's Ctrl+C handler is
+        // in place: Ctrl+C then cancels the token, and the trainer finishes its step and writes a checkpoint.
+        command.SetAction((result, cancellationToken) => GuardAsync(() => Task.Run(() =>
         {
             var outDir = result.GetValue(output)!.FullName;
             var recipe = new TrainingRecipe
@@ -138,8 +140,8 @@ public static class TrainCommand
             {
                 outcome = new LanguageModelTrainer(recipe, run, torchDevice, new LineObserver(TimeSpan.FromSeconds(10))).Run(trainingCorpus, cancellationToken);
             }
-            return Task.FromResult(Summarize(outcome));
-        }));
+            return Summarize(outcome);
+        }, CancellationToken.None)));
         return command;
     }
 
