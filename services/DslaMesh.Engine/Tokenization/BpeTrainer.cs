@@ -119,7 +119,7 @@ public sealed partial class BpeTrainer
             merges.Add((tokens[left], tokens[right]));
 
             var created = new HashSet<long>();
-            foreach (var w in pairWords[best].Order())
+            foreach (var w in pairWords[best].Order().ToArray())
             {
                 var word = symbols[w];
                 if (!Contains(word, left, right))
@@ -188,12 +188,12 @@ public sealed partial class BpeTrainer
     {
         var counts = new Dictionary<string, long>(StringComparer.Ordinal);
         var regex = PreTokenizer();
+        var lookup = counts.GetAlternateLookup<ReadOnlySpan<char>>();
         foreach (var text in texts)
         {
             foreach (var match in regex.EnumerateMatches(text))
             {
                 var piece = text.AsSpan(match.Index, match.Length);
-                var lookup = counts.GetAlternateLookup<ReadOnlySpan<char>>();
                 if (lookup.TryGetValue(piece, out var existing))
                 {
                     lookup[piece] = existing + 1;

@@ -18,7 +18,8 @@ namespace DslaMesh.Engine.Training;
 /// </summary>
 /// <remarks>
 /// Output folder: <c>config.json</c>, <c>model.safetensors</c> (float16), <c>tokenizer.json</c>,
-/// <c>generation_config.json</c>, <c>training_manifest.json</c>, <c>train_log.jsonl</c>, and <c>checkpoint/</c>
+/// <c>generation_config.json</c>, <c>training_manifest.json</c>, <c>README.md</c> (model card with the reproduction
+/// commands), <c>train_log.jsonl</c>, and <c>checkpoint/</c>
 /// (<c>model.safetensors</c> float32 weights, <c>optimizer.bin</c> AdamW moments and step counts, <c>best.safetensors</c>
 /// the best held-out weights, <c>state.json</c> step, recipe, tokenizer hash). The sampler is a pure function of
 /// (seed, step) and the checkpoint holds exact float32 weights and moments, so a resumed run computes the same steps
@@ -494,6 +495,7 @@ public sealed class LanguageModelTrainer
             };
         }
         File.WriteAllText(Path.Combine(outDir, "training_manifest.json"), TrainingJson.Serialize(manifest) + "\n");
+        ModelCard.Write(outDir, manifest);
         return manifest;
     }
 

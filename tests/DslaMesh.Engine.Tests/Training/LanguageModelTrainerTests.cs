@@ -77,7 +77,7 @@ public sealed class LanguageModelTrainerTests : IDisposable
         Assert.Equal([10, 20, 30, 40], recorder.Evaluations.Select(e => e.Step));
         Assert.True(recorder.Evaluations[^1].Loss < Math.Log(320) - 2.0);
 
-        foreach (var file in new[] { "config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training_manifest.json", "train_log.jsonl" })
+        foreach (var file in new[] { "config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "training_manifest.json", "train_log.jsonl", "README.md" })
         {
             Assert.True(File.Exists(Path.Combine(output, file)), file);
         }
@@ -103,6 +103,9 @@ public sealed class LanguageModelTrainerTests : IDisposable
         Assert.True(manifest.Final.HeldOutLoss < Math.Log(320) - 2.0);
         Assert.Equal(Math.Exp(manifest.Final.HeldOutLoss), manifest.Final.HeldOutPerplexity, 6);
         Assert.Equal(4, manifest.Evaluations.Count);
+        var card = File.ReadAllText(Path.Combine(output, "README.md"));
+        Assert.Contains(manifest.WeightsSha256, card, StringComparison.Ordinal);
+        Assert.Contains("deploy/data/fetch-brown.sh", card, StringComparison.Ordinal);
 
         using var model = LlamaForCausalLM.Load(output, ScalarType.Float32, device);
         using var tokenizer = TextTokenizer.Load(output);
