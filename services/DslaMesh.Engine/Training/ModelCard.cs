@@ -26,9 +26,9 @@ public static class ModelCard
         Line($"|---|---|");
         Line($"| Architecture | {r.Layers} layers, hidden {r.HiddenSize}, {r.Heads} heads × {r.HiddenSize / r.Heads}, {r.KvHeads} KV heads, SiLU MLP {r.IntermediateSize}, RMSNorm, RoPE θ {r.RopeTheta}, tied embeddings, context {r.Context} |");
         Line($"| Tokenizer | {manifest.Tokenizer.Kind}, {manifest.Tokenizer.VocabSize} tokens, trained on {manifest.Tokenizer.TrainedOn}; `<s>`=0, `</s>`=1, `<unk>`=2 |");
-        Line($"| Data | {manifest.Data.TrainDocuments} training documents ({manifest.Data.TrainTokens:N0} tokens), {manifest.Data.HeldOutDocuments} held out ({manifest.Data.HeldOutTokens:N0} tokens): {manifest.Data.Split} |");
+        Line($"| Data | {manifest.Data.TrainDocuments} training documents ({manifest.Data.TrainTokens:N0} tokens), {manifest.Data.HeldOutDocuments} held out ({manifest.Data.HeldOutTokens:N0} tokens): {manifest.Data.Split.Replace("</s>", "`</s>`", StringComparison.Ordinal)} |");
         Line($"| Held-out documents | {string.Join(' ', manifest.Data.HeldOutIds)} |");
-        Line($"| Training | {manifest.Steps} steps × {r.Batch} × {r.SeqLen} tokens = {manifest.TokensSeen:N0} tokens ({manifest.EpochsSeen:F1} epochs); AdamW β ({r.Beta1}, {r.Beta2}), peak lr {r.PeakLearningRate}, warmup {r.WarmupSteps}, cosine to {r.MinLearningRateRatio:P0}, weight decay {r.WeightDecay}, clip {r.GradClip}; seed {manifest.Seed} |");
+        Line($"| Training | {manifest.Steps} steps × {r.Batch} × {r.SeqLen} tokens = {manifest.TokensSeen:N0} tokens ({manifest.EpochsSeen:F1} epochs); AdamW β ({r.Beta1}, {r.Beta2}), peak lr {r.PeakLearningRate}, warmup {r.WarmupSteps}, cosine to {r.MinLearningRateRatio * 100:F0}%, weight decay {r.WeightDecay}, clip {r.GradClip}; seed {manifest.Seed} |");
         Line($"| Exported weights | step {manifest.ExportedStep} ({manifest.ExportedWeights}), {manifest.WeightsDType}, sha256 `{manifest.WeightsSha256}` |");
         Line($"| Held-out | loss {f.HeldOutLoss:F4} nats/token, perplexity {f.HeldOutPerplexity:F2}, {f.HeldOutBitsPerByte:F3} bits/byte ({f.HeldOutEvalTokens:N0} tokens) |");
         Line($"| Train (same number of tokens) | loss {f.TrainLoss:F4}, perplexity {f.TrainPerplexity:F2} |");
