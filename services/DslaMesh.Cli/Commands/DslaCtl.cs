@@ -11,6 +11,8 @@ public static class DslaCtl
         var root = new RootCommand("dslactl: drive DslaMesh models, services and policies.");
         root.Subcommands.Add(ModelCommands.Create());
         root.Subcommands.Add(GenerateCommand.Create());
+        root.Subcommands.Add(DataCommands.Create());
+        root.Subcommands.Add(TrainCommand.Create());
         return root;
     }
 }

@@ -11,6 +11,8 @@ public static class ExitCodes
     public const int ModelError = 3;
     /// <summary>A service could not be reached or answered with an error.</summary>
     public const int ServiceError = 4;
+    /// <summary>Training data missing or unreadable, or the device/output could not be used.</summary>
+    public const int DataError = 5;
     /// <summary>Cancelled with Ctrl-C.</summary>
     public const int Cancelled = 130;
 }
