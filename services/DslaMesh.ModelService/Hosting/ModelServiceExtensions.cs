@@ -27,6 +27,8 @@ public static class ModelServiceExtensions
         services.TryAddSingleton<ModelHost>();
         services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
         services.AddHostedService<RedisPublisher>();
+        // Registered last so it stops first: the service drains while Kestrel still answers (health 503).
+        services.AddHostedService<DrainService>();
         services.AddGrpc(o => o.EnableDetailedErrors = false);
         services.AddHealthChecks().AddCheck<ModelHealthCheck>("model", tags: ["ready"]);
         services.AddGrpcHealthChecks().AddCheck<ModelHealthCheck>("grpc-model");
