@@ -25,7 +25,7 @@ public sealed class ConversionAndLifecycleTests : IClassFixture<ServiceFixture>
         var ct = TestContext.Current.CancellationToken;
         var prompts = Enumerable.Range(0, 8).Select(i => Enumerable.Range(20 + (5 * i), 3 + i).ToArray()).ToArray();
         var started = prompts.Select(_ => new TaskCompletionSource()).ToArray();
-        var streams = prompts.Select((p, i) => Stream(service, p, started[i], ct)).ToArray();
+        var streams = prompts.Select((p, i) => Stream(service, p, started[i], ct, maxTokens: 150)).ToArray();
         await Task.WhenAll(started.Select(s => s.Task)).WaitAsync(TimeSpan.FromSeconds(30), ct);
 
         using var control = service.Control.Control(cancellationToken: ct);
@@ -43,7 +43,7 @@ public sealed class ConversionAndLifecycleTests : IClassFixture<ServiceFixture>
             // The receipt says where layer 1 was folded; the tokens must equal the engine alone folding there.
             var fold = Assert.Single(completion.Receipt.Switches, s => s.Layer == 1).Position;
             Assert.Contains(1, completion.Receipt.DecodeDslaLayers);
-            Assert.Equal(_fixture.Reference(prompts[i], SamplingParameters.Greedy(30) with { IgnoreEos = true }, 1, fold), tokens);
+            Assert.Equal(_fixture.Reference(prompts[i], SamplingParameters.Greedy(150) with { IgnoreEos = true }, 1, fold), tokens);
         }
 
         // A stale epoch is rejected and the state stays.

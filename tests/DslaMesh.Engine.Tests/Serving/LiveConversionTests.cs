@@ -22,7 +22,7 @@ public sealed class LiveConversionTests : IDisposable
         using var engine = new ServingEngine(_model, null, new ServingEngineOptions { PrefillChunkTokens = 4 }, [ConvertedLayer, 0], "dsla-foldable");
         var ct = TestContext.Current.CancellationToken;
         var prompts = Enumerable.Range(0, 8).Select(i => Enumerable.Range(10 + (7 * i), 3 + i).ToArray()).ToArray();
-        var sampling = SamplingParameters.Greedy(40) with { IgnoreEos = true };
+        var sampling = SamplingParameters.Greedy(150) with { IgnoreEos = true };
         var streams = prompts.Select((p, i) => engine.Submit(new GenerationRequest($"s{i}", p, sampling, Fidelity.Balanced, ct))).ToList();
 
         // Read every stream concurrently; convert once each has produced a few tokens.
@@ -39,10 +39,10 @@ public sealed class LiveConversionTests : IDisposable
         {
             var (tokens, completion) = outputs[i];
             Assert.Equal(FinishReason.Length, completion.Reason);
-            Assert.Equal(40, tokens.Count);
+            Assert.Equal(150, tokens.Count);
             var switches = completion.Receipt.Switches;
             var position = switches.SingleOrDefault(s => s.Layer == ConvertedLayer)?.Position;
-            Assert.Equal(Reference(prompts[i], 40, position), tokens);
+            Assert.Equal(Reference(prompts[i], 150, position), tokens);
             if (position is not null)
             {
                 converted++;
@@ -55,11 +55,11 @@ public sealed class LiveConversionTests : IDisposable
         // New requests after the conversion run the layer as DSLA from their first token.
         var after = await ReadAsync(engine.Submit(new GenerationRequest("after", prompts[0], sampling, Fidelity.Balanced, ct)), new TaskCompletionSource(), ct);
         Assert.Equal([ConvertedLayer], after.Completion.Receipt.PrefillDslaLayers);
-        Assert.Equal(Reference(prompts[0], 40, 0), after.Tokens);
+        Assert.Equal(Reference(prompts[0], 150, 0), after.Tokens);
         // Exact fidelity ignores the conversion.
         var exact = await ReadAsync(engine.Submit(new GenerationRequest("exact", prompts[0], sampling, Fidelity.Exact, ct)), new TaskCompletionSource(), ct);
         Assert.Empty(exact.Completion.Receipt.DecodeDslaLayers);
-        Assert.Equal(Reference(prompts[0], 40, null), exact.Tokens);
+        Assert.Equal(Reference(prompts[0], 150, null), exact.Tokens);
     }
 
     [Fact]
