@@ -107,7 +107,10 @@ public sealed record PolicyTriggers
     public Watermarks? PromptTokens { get; init; }
 }
 
-/// <summary>A high- and a low-water mark; <c>low</c> must be below <c>high</c>.</summary>
+/// <summary>
+/// A high- and a low-water mark; <c>low</c> must not be above <c>high</c>. Equal marks leave no hysteresis band (a signal
+/// at the mark counts as high), so <c>{"high": 0, "low": 0}</c> converts up to the cap whatever the load.
+/// </summary>
 public sealed record Watermarks(
     [property: JsonPropertyName("high")] double High,
     [property: JsonPropertyName("low")] double Low);

@@ -136,9 +136,9 @@ public static class PolicyParser
         {
             errors.Add($"{path}.low: {Format(marks.Low)} is outside 0..{Format(max)}");
         }
-        if (marks.Low >= marks.High)
+        if (marks.Low > marks.High)
         {
-            errors.Add($"{path}: low ({Format(marks.Low)}) must be below high ({Format(marks.High)}) for hysteresis");
+            errors.Add($"{path}: low ({Format(marks.Low)}) must not be above high ({Format(marks.High)})");
         }
     }
 
