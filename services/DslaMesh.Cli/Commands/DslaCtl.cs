@@ -11,6 +11,9 @@ public static class DslaCtl
         var root = new RootCommand("dslactl: drive DslaMesh models, services and policies.");
         root.Subcommands.Add(ModelCommands.Create());
         root.Subcommands.Add(GenerateCommand.Create());
+        root.Subcommands.Add(PolicyCommands.Create());
+        root.Subcommands.Add(StatusCommand.Create());
+        root.Subcommands.Add(ConvertCommand.Create());
         return root;
     }
 }
