@@ -28,23 +28,23 @@ public sealed record ServiceDecisionState
 
     /// <summary>Layers the policy converted, oldest first (LIFO).</summary>
     [JsonPropertyName("policy_layers")]
-    public IReadOnlyList<int> PolicyLayers { get; init; } = [];
+    public IReadOnlyList<int> PolicyLayers { get; set; } = [];
 
     /// <summary>When the policy last converted or reverted a layer of this service.</summary>
     [JsonPropertyName("last_step_at")]
-    public DateTimeOffset? LastStepAt { get; init; }
+    public DateTimeOffset? LastStepAt { get; set; }
 
     /// <summary>The longest prompt seen within the prompt window.</summary>
     [JsonPropertyName("prompt_peak")]
-    public int PromptPeak { get; init; }
+    public int PromptPeak { get; set; }
 
     /// <summary>When <see cref="PromptPeak"/> was seen.</summary>
     [JsonPropertyName("prompt_peak_at")]
-    public DateTimeOffset? PromptPeakAt { get; init; }
+    public DateTimeOffset? PromptPeakAt { get; set; }
 
     /// <summary>Manual pins from <c>dslactl convert</c>.</summary>
     [JsonPropertyName("pins")]
-    public IReadOnlyList<LayerPin> Pins { get; init; } = [];
+    public IReadOnlyList<LayerPin> Pins { get; set; } = [];
 
     /// <summary>The layers that should run as DSLA: the policy's layers and the DSLA pins, minus the attention pins.</summary>
     public IReadOnlyList<int> DesiredLayers()

@@ -278,8 +278,15 @@ public static class PolicyCommands
     /// <summary>Renders a Spectre widget to a writer (plain text when it is not a terminal).</summary>
     public static void Render(TextWriter output, Spectre.Console.Rendering.IRenderable widget)
     {
-        var console = AnsiConsole.Create(new AnsiConsoleSettings { Out = new AnsiConsoleOutput(output), Interactive = InteractionSupport.No });
-        if (!ReferenceEquals(output, Console.Out))
+        var terminal = ReferenceEquals(output, Console.Out) && !Console.IsOutputRedirected;
+        var console = AnsiConsole.Create(new AnsiConsoleSettings
+        {
+            Out = new AnsiConsoleOutput(output),
+            Interactive = InteractionSupport.No,
+            Ansi = terminal ? AnsiSupport.Detect : AnsiSupport.No,
+            ColorSystem = terminal ? ColorSystemSupport.Detect : ColorSystemSupport.NoColors,
+        });
+        if (!terminal)
         {
             console.Profile.Width = 200;
         }

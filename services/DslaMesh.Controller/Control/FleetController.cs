@@ -134,7 +134,7 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
         try
         {
             var state = await connection.WaitForAsync(epoch, timeout.Token).ConfigureAwait(false);
-            return new ConvertOutcome(state.Accepted && state.CommandEpoch == epoch, state.Accepted ? "" : state.Reason, state.Epoch, [.. state.DslaLayers], state.LayerCount);
+            return new ConvertOutcome(state.Accepted, state.Accepted ? "" : state.Reason, state.Epoch, [.. state.DslaLayers], state.LayerCount);
         }
         catch (OperationCanceledException) when (!cancellationToken.IsCancellationRequested)
         {

@@ -38,6 +38,7 @@ public sealed partial class ServiceConnection : IAsyncDisposable
     private readonly Lock _waitersGate = new();
     private readonly List<(long Epoch, TaskCompletionSource<ConversionState> Done)> _waiters = [];
     private readonly CancellationTokenSource _stop = new();
+    private ConversionState? _lastAnswer;
     private Task? _run;
     private volatile bool _connected;
 
@@ -92,6 +93,11 @@ public sealed partial class ServiceConnection : IAsyncDisposable
         var done = new TaskCompletionSource<ConversionState>(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_waitersGate)
         {
+            // The answer may have come before the caller started waiting.
+            if (_lastAnswer is { } answer && answer.CommandEpoch >= epoch)
+            {
+                return Task.FromResult(answer);
+            }
             _waiters.Add((epoch, done));
         }
         return done.Task.WaitAsync(cancellationToken);
@@ -189,6 +195,7 @@ public sealed partial class ServiceConnection : IAsyncDisposable
             _owner.OnState(ServiceId, state);
             lock (_waitersGate)
             {
+                _lastAnswer = state;
                 for (var i = _waiters.Count - 1; i >= 0; i--)
                 {
                     if (state.CommandEpoch >= _waiters[i].Epoch)
