@@ -1,5 +1,7 @@
 using System.Globalization;
+using System.Text.Encodings.Web;
 using System.Text.Json;
+using System.Text.Json.Serialization.Metadata;
 
 namespace DslaMesh.Policy;
 
@@ -13,6 +15,12 @@ public sealed record PolicyParseResult(ConversionPolicy? Policy, IReadOnlyList<s
 /// <summary>Reads, validates and writes policies. Each error names the JSON path it is about.</summary>
 public static class PolicyParser
 {
+    // Operators read the stored JSON: keep apostrophes, '<' and non-ASCII text as they are.
+    private static readonly JsonTypeInfo<ConversionPolicy> Writer = (JsonTypeInfo<ConversionPolicy>)new JsonSerializerOptions(PolicyJsonContext.Default.Options)
+    {
+        Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping,
+    }.GetTypeInfo(typeof(ConversionPolicy));
+
     /// <summary>Parses and validates policy JSON.</summary>
     public static PolicyParseResult Parse(string json)
     {
@@ -34,7 +42,7 @@ public static class PolicyParser
     }
 
     /// <summary>The normalised JSON of a policy (every property written).</summary>
-    public static string Serialize(ConversionPolicy policy) => JsonSerializer.Serialize(policy, PolicyJsonContext.Default.ConversionPolicy);
+    public static string Serialize(ConversionPolicy policy) => JsonSerializer.Serialize(policy, Writer);
 
     /// <summary>Checks the rules the JSON types cannot express.</summary>
     public static IReadOnlyList<string> Validate(ConversionPolicy policy)

@@ -54,7 +54,7 @@ public sealed class ControllerHost : IAsyncDisposable
         var values = new Dictionary<string, string?>
         {
             ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{port}",
-            ["Kestrel:Endpoints:Http:Protocols"] = "Http1AndHttp2",
+            ["Kestrel:Endpoints:Http:Protocols"] = "Http1",
             ["Kestrel:Endpoints:Grpc:Url"] = $"http://127.0.0.1:{grpcPort}",
             ["Kestrel:Endpoints:Grpc:Protocols"] = "Http2",
             ["Controller:AdminToken"] = Token,
