@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using DslaMesh.Controller.Tests.Infrastructure;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Grpc.Core;
 using Grpc.Net.Client;
 
@@ -236,6 +237,45 @@ public sealed class FleetControlTests
             Assert.True(watch.Elapsed < TimeSpan.FromSeconds(3), string.Join("; ", states.Select(s => $"{s.ServiceId}: [{string.Join(",", s.DslaLayers)}] at epoch {s.Epoch} (before: {before})")));
             await Task.Delay(20, ct);
         }
+    }
+
+    [Fact]
+    public async Task Model_service_restart_is_sent_the_desired_state_again_over_the_reconnected_stream()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var fleet = await TestFleet.StartAsync(_model.ModelPath, services: 0, policyJson: AlwaysPolicy);
+        var http = RedisServer.FreePort();
+        var grpc = RedisServer.FreePort();
+        var settings = new Dictionary<string, string?>
+        {
+            ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{http}",
+            ["Kestrel:Endpoints:Grpc:Url"] = $"http://127.0.0.1:{grpc}",
+            ["ModelService:ServiceId"] = "restarting",
+            ["Redis:Prefix"] = fleet.Prefix,
+        };
+        using var channel = GrpcChannel.ForAddress($"http://127.0.0.1:{grpc}");
+        var control = new LayerControl.LayerControlClient(channel);
+        async Task WaitForBoth()
+        {
+            var watch = Stopwatch.StartNew();
+            while (true)
+            {
+                var state = await control.GetStateAsync(new GetStateRequest(), cancellationToken: ct);
+                if (state.DslaLayers.Order().SequenceEqual([0, 1]))
+                {
+                    return;
+                }
+                Assert.True(watch.Elapsed < TimeSpan.FromSeconds(5), $"the service runs [{string.Join(",", state.DslaLayers)}] at epoch {state.Epoch}");
+                await Task.Delay(20, ct);
+            }
+        }
+
+        var first = await ModelServiceHost.StartAsync(_model.ModelPath, fleet.Redis.Configuration, settings);
+        await WaitForBoth();
+        await first.DisposeAsync();
+        await using var second = await ModelServiceHost.StartAsync(_model.ModelPath, fleet.Redis.Configuration, settings);
+        Assert.Empty((await control.GetStateAsync(new GetStateRequest(), cancellationToken: ct)).DslaLayers);   // a fresh engine
+        await WaitForBoth();
     }
 
     [Fact]
