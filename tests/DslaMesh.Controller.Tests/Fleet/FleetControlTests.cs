@@ -58,8 +58,7 @@ public sealed class FleetControlTests
         var clients = fleet.Services.SelectMany(s => Enumerable.Range(0, 3).Select(_ => KeepGenerating(s.Generation, prompt, burst.Token))).ToArray();
         var took = await fleet.WaitForLayersAsync([0, 1], TimeSpan.FromSeconds(2), ct);
 
-        // Layer 1 is the least sensitive in the fixture's order, so it went first (the receipt of a request running
-        // across both steps would show it); the controller's status agrees with the services.
+        // The cap comes from the scaled MCR bucket of the 40-token prompts (100% of 2 layers).
         var status = await fleet.Controller!.Admin.GetStatusAsync(new GetStatusRequest(), cancellationToken: ct);
         Assert.All(status.Services, s => Assert.Equal(2, s.CapLayers));
         await burst.CancelAsync();

@@ -19,9 +19,10 @@ public sealed class ControllerHost : IAsyncDisposable
     private readonly WebApplication _app;
     private bool _stopped;
 
-    private ControllerHost(WebApplication app, Uri address, Uri grpcAddress)
+    private ControllerHost(WebApplication app, Uri address, Uri grpcAddress, ErrorLog log)
     {
         _app = app;
+        Log = log;
         Address = address;
         GrpcAddress = grpcAddress;
         var credentials = CallCredentials.FromInterceptor((_, metadata) =>
@@ -37,6 +38,9 @@ public sealed class ControllerHost : IAsyncDisposable
         Admin = new ControllerAdmin.ControllerAdminClient(Channel);
     }
 
+    /// <summary>The controller's warnings and errors.</summary>
+    public ErrorLog Log { get; }
+
     public Uri Address { get; }
     public Uri GrpcAddress { get; }
     public GrpcChannel Channel { get; }
@@ -51,6 +55,8 @@ public sealed class ControllerHost : IAsyncDisposable
         var port = RedisServer.FreePort();
         var grpcPort = RedisServer.FreePort();
         builder.Logging.ClearProviders();
+        var log = new ErrorLog();
+        builder.Logging.AddProvider(log);
         var values = new Dictionary<string, string?>
         {
             ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{port}",
@@ -75,7 +81,7 @@ public sealed class ControllerHost : IAsyncDisposable
         var app = builder.Build();
         app.MapController();
         await app.StartAsync().ConfigureAwait(false);
-        return new ControllerHost(app, new Uri($"http://127.0.0.1:{port}"), new Uri($"http://127.0.0.1:{grpcPort}"));
+        return new ControllerHost(app, new Uri($"http://127.0.0.1:{port}"), new Uri($"http://127.0.0.1:{grpcPort}"), log);
     }
 
     /// <summary>dslactl's common arguments for this controller.</summary>
@@ -96,5 +102,12 @@ public sealed class ControllerHost : IAsyncDisposable
         Channel.Dispose();
         await StopAsync().ConfigureAwait(false);
         await _app.DisposeAsync().ConfigureAwait(false);
+        var dump = Environment.GetEnvironmentVariable("DSLAMESH_TEST_LOG");
+        if (!string.IsNullOrEmpty(dump))
+        {
+            await File.AppendAllLinesAsync(dump, Log.Entries).ConfigureAwait(false);
+        }
+        // Like a VerifyNoErrors scope: the controller must not log errors in any of these scenarios.
+        Assert.True(Log.Errors.Count == 0, "controller errors:\n" + string.Join("\n", Log.Errors));
     }
 }
