@@ -1,8 +1,8 @@
 var builder = WebApplication.CreateBuilder(args);
-builder.Services.AddHealthChecks();
+builder.AddController();
 
 var app = builder.Build();
-app.MapHealthChecks("/health");
+app.MapController();
 app.Run();
 
 /// <summary>The controller host (public for functional tests).</summary>

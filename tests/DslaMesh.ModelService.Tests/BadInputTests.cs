@@ -3,6 +3,7 @@ using System.Net.Http.Json;
 using System.Text;
 using System.Text.Json;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Grpc.Core;
 
 namespace DslaMesh.ModelService.Tests;

@@ -4,6 +4,7 @@ using System.Text.Json;
 using DslaMesh.Engine.Inference;
 using DslaMesh.Fleet;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Grpc.Core;
 using Grpc.Health.V1;
 using Microsoft.Extensions.DependencyInjection;
@@ -126,7 +127,7 @@ public sealed class ConversionAndLifecycleTests : IClassFixture<ServiceFixture>
     public async Task Service_keeps_serving_while_redis_is_down_and_republishes_when_it_returns()
     {
         var ct = TestContext.Current.CancellationToken;
-        await using var redisServer = await DslaMesh.Tests.Common.RedisServer.StartAsync(cancellationToken: ct);
+        await using var redisServer = await RedisServer.StartAsync(cancellationToken: ct);
         await using var service = await ModelServiceHost.StartAsync(_fixture.ModelPath, redisServer.Configuration);
         var id = service.Services.GetRequiredService<DslaMesh.ModelService.Hosting.ServiceIdentity>().Id;
         await redisServer.StopAsync();

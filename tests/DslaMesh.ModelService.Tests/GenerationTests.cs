@@ -4,6 +4,7 @@ using System.Text;
 using System.Text.Json;
 using DslaMesh.Engine.Inference;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Grpc.Core;
 
 namespace DslaMesh.ModelService.Tests;

@@ -13,6 +13,9 @@ public static class DslaCtl
         root.Subcommands.Add(GenerateCommand.Create());
         root.Subcommands.Add(DataCommands.Create());
         root.Subcommands.Add(TrainCommand.Create());
+        root.Subcommands.Add(PolicyCommands.Create());
+        root.Subcommands.Add(StatusCommand.Create());
+        root.Subcommands.Add(ConvertCommand.Create());
         return root;
     }
 }

@@ -8,7 +8,16 @@ namespace DslaMesh.Cli.Commands;
 /// <summary>Options shared by every command that loads a model in-process.</summary>
 public sealed class EngineOptions
 {
-    public Option<DirectoryInfo> Model { get; } = new("--model", "-m") { Description = "Model folder (config.json, safetensors, tokenizer.json).", Required = true };
+    /// <summary>Options for a command that always loads a model in-process.</summary>
+    public EngineOptions()
+        : this(modelRequired: true)
+    {
+    }
+
+    /// <summary>Options for a command where the model folder is one choice among others.</summary>
+    public EngineOptions(bool modelRequired) => Model = new("--model", "-m") { Description = "Model folder (config.json, safetensors, tokenizer.json).", Required = modelRequired };
+
+    public Option<DirectoryInfo> Model { get; }
     public Option<string> Device { get; } = new("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
     public Option<string?> DType { get; } = new("--dtype") { Description = "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)." };
     public Option<DirectoryInfo?> LibTorch { get; } = new("--libtorch") { Description = "CUDA LibTorch folder (default: ask python3 where torch lives)." };

@@ -3,13 +3,20 @@ using DslaMesh.Engine.Inference;
 
 namespace DslaMesh.Cli.Commands;
 
-/// <summary><c>dslactl generate</c>: stream a completion from an in-process model.</summary>
+/// <summary>
+/// <c>dslactl generate</c>: stream a completion from an in-process model (<c>--model</c>), a model service or gateway over
+/// gRPC (<c>--endpoint</c>), or any OpenAI-compatible HTTP server with SSE (<c>--http</c>).
+/// </summary>
 public static class GenerateCommand
 {
     /// <summary>Builds the command.</summary>
     public static Command Create()
     {
-        var engine = new EngineOptions();
+        var engine = new EngineOptions(modelRequired: false);
+        var endpoint = new Option<string?>("--endpoint") { Description = "Stream over gRPC from a model service or gateway, e.g. http://127.0.0.1:5101." };
+        var http = new Option<string?>("--http") { Description = "Stream over the OpenAI HTTP API (SSE), e.g. http://127.0.0.1:5100." };
+        var fidelity = new Option<string?>("--fidelity") { Description = "Remote only: exact, balanced or fast." };
+        fidelity.AcceptOnlyFromAmong("exact", "balanced", "fast");
         var prompt = new Option<string?>("--prompt", "-p") { Description = "Prompt text." };
         var ids = new Option<string?>("--ids") { Description = "Prompt as comma-separated token ids (instead of --prompt)." };
         var greedy = new Option<bool>("--greedy") { Description = "Always take the most likely token." };
@@ -23,9 +30,9 @@ public static class GenerateCommand
         var logprobs = new Option<bool>("--logprobs") { Description = "Print each token's id and log-probability to stderr." };
         var dsla = new Option<string?>("--dsla-layers") { Description = "Comma-separated layers to run as DSLA (needs DSLA weights beside the model)." };
 
-        var command = new Command("generate", "Stream a completion from a model folder, in-process.");
+        var command = new Command("generate", "Stream a completion: in-process from a model folder (--model), over gRPC (--endpoint) or over OpenAI HTTP with SSE (--http).");
         engine.AddTo(command);
-        foreach (var option in new Option[] { prompt, ids, greedy, temperature, topP, topK, repetition, seed, maxTokens, stop, logprobs, dsla })
+        foreach (var option in new Option[] { endpoint, http, fidelity, prompt, ids, greedy, temperature, topP, topK, repetition, seed, maxTokens, stop, logprobs, dsla })
         {
             command.Options.Add(option);
         }
@@ -34,6 +41,15 @@ public static class GenerateCommand
             if ((result.GetValue(prompt) is null) == (result.GetValue(ids) is null))
             {
                 result.AddError("Give exactly one of --prompt or --ids.");
+            }
+            var targets = new[] { result.GetResult(engine.Model) is not null, result.GetValue(endpoint) is not null, result.GetValue(http) is not null }.Count(t => t);
+            if (targets != 1)
+            {
+                result.AddError("Give exactly one of --model (in-process), --endpoint (gRPC) or --http (OpenAI HTTP).");
+            }
+            if (result.GetResult(engine.Model) is null && result.GetValue(dsla) is not null)
+            {
+                result.AddError("--dsla-layers works only in-process (--model); remote services convert layers through the controller.");
             }
         });
         command.SetAction((result, cancellationToken) => EngineOptions.GuardAsync(async () =>
@@ -50,6 +66,14 @@ public static class GenerateCommand
                 LogProbs = result.GetValue(logprobs),
             };
             parameters.EnsureValid();
+            if (result.GetValue(endpoint) is { } grpcAddress)
+            {
+                return await RemoteGeneration.GrpcAsync(result, grpcAddress, parameters, result.GetValue(prompt), result.GetValue(ids), result.GetValue(fidelity), cancellationToken).ConfigureAwait(false);
+            }
+            if (result.GetValue(http) is { } httpAddress)
+            {
+                return await RemoteGeneration.HttpAsync(result, httpAddress, parameters, result.GetValue(prompt), result.GetValue(ids), result.GetValue(fidelity), cancellationToken).ConfigureAwait(false);
+            }
             using var loaded = engine.Load(result);
             int[] promptIds;
             if (result.GetValue(prompt) is { } text)

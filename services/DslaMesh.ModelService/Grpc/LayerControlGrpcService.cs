@@ -13,18 +13,35 @@ public sealed partial class LayerControlGrpcService : LayerControl.LayerControlB
     private readonly ModelHost _host;
     private readonly ILogger<LayerControlGrpcService> _logger;
     private readonly string _serviceId;
+    private readonly IHostApplicationLifetime _lifetime;
 
-    public LayerControlGrpcService(ModelHost host, ServiceIdentity identity, ILogger<LayerControlGrpcService> logger)
+    public LayerControlGrpcService(ModelHost host, ServiceIdentity identity, IHostApplicationLifetime lifetime, ILogger<LayerControlGrpcService> logger)
     {
         _host = host;
         _logger = logger;
         _serviceId = identity.Id;
+        _lifetime = lifetime;
     }
 
     /// <inheritdoc/>
     public override async Task Control(IAsyncStreamReader<ConversionCommand> requestStream, IServerStreamWriter<ConversionState> responseStream, ServerCallContext context)
     {
-        await foreach (var command in requestStream.ReadAllAsync(context.CancellationToken).ConfigureAwait(false))
+        // The controller never ends this stream; end it when the service stops, or graceful shutdown would wait for it
+        // until the host's shutdown timeout. The controller reconnects to whatever serves next.
+        using var stopping = CancellationTokenSource.CreateLinkedTokenSource(context.CancellationToken, _lifetime.ApplicationStopping);
+        try
+        {
+            await ReadCommandsAsync(requestStream, responseStream, context, stopping.Token).ConfigureAwait(false);
+        }
+        catch (OperationCanceledException) when (_lifetime.ApplicationStopping.IsCancellationRequested && !context.CancellationToken.IsCancellationRequested)
+        {
+            // Stopping: complete the call normally.
+        }
+    }
+
+    private async Task ReadCommandsAsync(IAsyncStreamReader<ConversionCommand> requestStream, IServerStreamWriter<ConversionState> responseStream, ServerCallContext context, CancellationToken cancellationToken)
+    {
+        await foreach (var command in requestStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))
         {
             var engine = _host.Engine ?? throw new RpcException(new Status(StatusCode.Unavailable, "the model is still loading"));
             var changes = new Dictionary<int, bool>();
@@ -36,7 +53,7 @@ public sealed partial class LayerControlGrpcService : LayerControl.LayerControlB
                 }
                 changes[target.Layer] = target.Kind == LayerKind.Dsla;
             }
-            var result = await engine.ApplyAsync(command.Epoch, changes, context.CancellationToken).ConfigureAwait(false);
+            var result = await engine.ApplyAsync(command.Epoch, changes, cancellationToken).ConfigureAwait(false);
             Log.Applied(_logger, command.Issuer, command.Epoch, result.Accepted, result.Reason ?? "", string.Join(",", result.DslaLayers));
             var state = new ConversionState
             {
@@ -49,7 +66,7 @@ public sealed partial class LayerControlGrpcService : LayerControl.LayerControlB
                 ServiceId = _serviceId,
             };
             state.DslaLayers.Add(result.DslaLayers);
-            await responseStream.WriteAsync(state, context.CancellationToken).ConfigureAwait(false);
+            await responseStream.WriteAsync(state, cancellationToken).ConfigureAwait(false);
         }
     }
 

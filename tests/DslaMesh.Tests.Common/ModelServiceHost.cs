@@ -6,7 +6,7 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
-namespace DslaMesh.ModelService.Tests;
+namespace DslaMesh.Tests.Common;
 
 /// <summary>A real model service on Kestrel, 127.0.0.1 and a free port, with real gRPC and HTTP clients.</summary>
 public sealed class ModelServiceHost : IAsyncDisposable
@@ -22,6 +22,9 @@ public sealed class ModelServiceHost : IAsyncDisposable
         Channel = GrpcChannel.ForAddress(grpcAddress);
     }
 
+    /// <summary>The service id it registers under (<c>test-{http port}</c> unless the settings name one).</summary>
+    public string Id => Services.GetRequiredService<ServiceIdentity>().Id;
+
     public Uri Address { get; }
     public Uri GrpcAddress { get; }
     public HttpClient Http { get; }
@@ -35,8 +38,8 @@ public sealed class ModelServiceHost : IAsyncDisposable
     public static async Task<ModelServiceHost> StartAsync(string modelPath, string? redis, IDictionary<string, string?>? settings = null)
     {
         var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing", ContentRootPath = AppContext.BaseDirectory });
-        var port = DslaMesh.Tests.Common.RedisServer.FreePort();
-        var grpcPort = DslaMesh.Tests.Common.RedisServer.FreePort();
+        var port = RedisServer.FreePort();
+        var grpcPort = RedisServer.FreePort();
         builder.Logging.ClearProviders();
         var values = new Dictionary<string, string?>
         {
