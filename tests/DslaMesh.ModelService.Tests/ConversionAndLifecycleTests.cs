@@ -104,7 +104,7 @@ public sealed class ConversionAndLifecycleTests : IClassFixture<ServiceFixture>
 
         // A running stream survives the drain; new requests are refused while it runs; health says 503.
         var started = new TaskCompletionSource();
-        var running = Stream(service, [5, 6, 7], started, ct, maxTokens: 60);
+        var running = Stream(service, [5, 6, 7], started, ct, maxTokens: 240);
         await started.Task.WaitAsync(TimeSpan.FromSeconds(30), ct);
         var metrics = await service.Http.GetStringAsync("/metrics", ct);
         Assert.Contains("num_requests_running 1", metrics);
@@ -115,7 +115,7 @@ public sealed class ConversionAndLifecycleTests : IClassFixture<ServiceFixture>
         var health = await service.Http.GetAsync("/health", ct);
         Assert.Equal(HttpStatusCode.ServiceUnavailable, health.StatusCode);
         var (tokens, completion) = await running;
-        Assert.Equal(60, tokens.Count);
+        Assert.Equal(240, tokens.Count);
         Assert.Equal("length", completion.FinishReason);
         await stopping;
         Assert.False(db.KeyExists(FleetKeys.Service("dslamesh", id)));
