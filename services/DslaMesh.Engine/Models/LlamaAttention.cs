@@ -8,6 +8,11 @@ namespace DslaMesh.Engine.Models;
 /// Llama softmax self-attention with RoPE and grouped-query attention. GQA never widens the KV heads: the query heads
 /// of a group are folded into the query length so SDPA reads each cached key/value once.
 /// </summary>
+/// <remarks>
+/// By default Q, K and V share one weight (<see cref="FusedLinear"/>): one matrix product, RoPE on Q and K together in
+/// three kernels, and rows of a batch whose caches share a <see cref="KvBatch"/> append and attend in one call each.
+/// Nothing in the forward pass reads device data on the host.
+/// </remarks>
 public sealed class LlamaAttention : nn.Module, ITokenMixer
 {
     [ComponentName(Name = "q_proj")]
@@ -21,18 +26,31 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly int _heads;
     private readonly int _kvHeads;
     private readonly int _headDim;
+    private readonly FusedLinear? _qkv;
 
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaAttention")
     {
+        ArgumentNullException.ThrowIfNull(config);
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
-        _q = new Projection(config.HiddenSize, _heads * _headDim, config.AttentionBias, dtype, device);
-        _k = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
-        _v = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        if (fuseProjections)
+        {
+            _qkv = new FusedLinear(config.HiddenSize, [_heads * _headDim, _kvHeads * _headDim, _kvHeads * _headDim], config.AttentionBias, dtype, device);
+            (_q, _k, _v) = (_qkv.Parts[0], _qkv.Parts[1], _qkv.Parts[2]);
+        }
+        else
+        {
+            _q = new Projection(config.HiddenSize, _heads * _headDim, config.AttentionBias, dtype, device);
+            _k = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+            _v = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        }
         _o = new Projection(_heads * _headDim, config.HiddenSize, config.AttentionBias, dtype, device);
         RegisterComponents();
     }
+
+    /// <summary>Whether Q, K and V run as one product in this pass.</summary>
+    public bool UsesFusedProjections => _qkv is not null && _qkv.IsIntact();
 
     public Projection QueryProjection => _q;
     public Projection KeyProjection => _k;
@@ -47,8 +65,22 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     /// </summary>
     public (Tensor Q, Tensor K, Tensor V) Project(Tensor x, ForwardContext context)
     {
+        ArgumentNullException.ThrowIfNull(x);
+        ArgumentNullException.ThrowIfNull(context);
         using var scope = NewDisposeScope();
         var (b, t) = (x.shape[0], x.shape[1]);
+        if (context.SinSigned is not null && UsesFusedProjections)
+        {
+            // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
+            var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
+            var rolled = qkv.roll(_headDim / 2, -1);
+            var qkCount = _heads + _kvHeads;
+            var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), context.CosTokenMajor, context.SinSignedTokenMajor!);
+            var fq = rotated.narrow(2, 0, _heads).transpose(1, 2);
+            var fk = rotated.narrow(2, _heads, _kvHeads).transpose(1, 2);
+            var fv = qkv.narrow(2, qkCount, _kvHeads).transpose(1, 2);
+            return (fq.MoveToOuterDisposeScope(), fk.MoveToOuterDisposeScope(), fv.MoveToOuterDisposeScope());
+        }
         var q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
         var k = _k.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
         var v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
@@ -67,6 +99,10 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         if (context.Caches is null)
         {
             output = Attend(q, k, v, 0);
+        }
+        else if (KvBatch.TryAppend(context.Caches, layer, context, k, v, out var batchKeys, out var batchValues))
+        {
+            output = Attend(q, batchKeys, batchValues, context.StartPositions[0]);
         }
         else
         {
@@ -121,6 +157,16 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
             result = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask: mask);
         }
         return (group == 1 ? result : result.reshape(b, _heads, t, _headDim)).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc/>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _qkv?.Dispose();
+        }
+        base.Dispose(disposing);
     }
 
     /// <summary>

@@ -19,13 +19,15 @@ public sealed class LlamaDecoderLayer : nn.Module
     [ComponentName(Name = "post_attention_layernorm")]
     private readonly RmsNorm _postAttentionNorm;
 
-    public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device) : base("LlamaDecoderLayer")
+    public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaDecoderLayer")
     {
+        ArgumentNullException.ThrowIfNull(config);
+        kernels ??= LlamaKernelOptions.Default;
         Index = index;
-        _attention = new LlamaAttention(config, dtype, device);
-        _mlp = new LlamaMlp(config, dtype, device);
-        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
-        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        _attention = new LlamaAttention(config, dtype, device, kernels.FuseProjections);
+        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections);
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         RegisterComponents();
     }
 
@@ -55,6 +57,7 @@ public sealed class LlamaDecoderLayer : nn.Module
     {
         using var scope = NewDisposeScope();
         var attended = hidden + MixerFor(context).Forward(_inputNorm.forward(hidden), context, Index);
-        return (attended + _mlp.forward(_postAttentionNorm.forward(attended))).MoveToOuterDisposeScope();
+        // attended is this layer's own tensor, so the MLP may add its output into it in place.
+        return _mlp.AddTo(attended, _postAttentionNorm.forward(attended)).MoveToOuterDisposeScope();
     }
 }

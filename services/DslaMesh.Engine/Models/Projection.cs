@@ -24,6 +24,17 @@ public sealed class Projection : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>Wraps existing storage (views of a <see cref="FusedLinear"/>): weight [out, in], bias [out] or null.</summary>
+    public Projection(Tensor weight, Tensor? bias) : base("Linear")
+    {
+        ArgumentNullException.ThrowIfNull(weight);
+        InFeatures = weight.shape[1];
+        OutFeatures = weight.shape[0];
+        _weight = new Parameter(weight, requires_grad: false);
+        _bias = bias is null ? null : new Parameter(bias, requires_grad: false);
+        RegisterComponents();
+    }
+
     public long InFeatures { get; }
     public long OutFeatures { get; }
 

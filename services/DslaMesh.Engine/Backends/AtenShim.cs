@@ -1,0 +1,112 @@
+using System.Collections.Concurrent;
+using System.Diagnostics.CodeAnalysis;
+using System.Runtime.InteropServices;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Backends;
+
+/// <summary>
+/// Calls into LibTorch's stable C ABI (the <c>aoti_torch_*</c> functions PyTorch exports for AOTInductor) for the few
+/// kernels and queries TorchSharp does not bind. Their tensor handles are the same <c>at::Tensor*</c> TorchSharp uses.
+/// Every entry point is optional: when the loaded LibTorch lacks one, or it fails, callers fall back to composite ops.
+/// </summary>
+public static unsafe class AtenShim
+{
+    private static readonly ConcurrentDictionary<string, nint> Symbols = new(StringComparer.Ordinal);
+    private static readonly ConcurrentDictionary<string, bool> Disabled = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// Fused RMS norm of the last dimension (<c>at::_fused_rms_norm</c>): one kernel on CUDA instead of eight. Computes in
+    /// fp32 and rounds once. Bypasses autograd, so callers use it only with gradients off.
+    /// </summary>
+    /// <returns>False when the shim is missing or failed; <paramref name="output"/> is then null.</returns>
+    public static bool TryFusedRmsNorm(Tensor input, Tensor? weight, double eps, [NotNullWhen(true)] out Tensor? output)
+    {
+        ArgumentNullException.ThrowIfNull(input);
+        output = null;
+        var cuda = input.device_type == DeviceType.CUDA;
+        var symbol = cuda ? "aoti_torch_cuda__fused_rms_norm" : "aoti_torch_cpu__fused_rms_norm";
+        if (Disabled.ContainsKey(symbol))
+        {
+            return false;
+        }
+        var entry = Resolve(cuda ? "libtorch_cuda.so" : "libtorch_cpu.so", symbol);
+        if (entry == 0)
+        {
+            return false;
+        }
+        var fn = (delegate* unmanaged<nint, long*, long, nint*, double*, nint*, nint*, int>)entry;
+        var shape = input.shape[^1];
+        var weightHandle = weight?.Handle ?? 0;
+        nint result = 0, rstd = 0;
+        var rc = fn(input.Handle, &shape, 1, weight is null ? null : &weightHandle, &eps, &result, &rstd);
+        GC.KeepAlive(input);
+        GC.KeepAlive(weight);
+        if (rstd != 0)
+        {
+            Tensor.UnsafeCreateTensor(rstd).Dispose();
+        }
+        if (rc != 0 || result == 0)
+        {
+            if (result != 0)
+            {
+                Tensor.UnsafeCreateTensor(result).Dispose();
+            }
+            Disabled[symbol] = true;
+            return false;
+        }
+        output = Tensor.UnsafeCreateTensor(result);
+        return true;
+    }
+
+    /// <summary>Whether the fused RMS norm kernel is available for a device type (resolves it on first use).</summary>
+    public static bool HasFusedRmsNorm(DeviceType device) => device == DeviceType.CUDA
+        ? Resolve("libtorch_cuda.so", "aoti_torch_cuda__fused_rms_norm") != 0 && !Disabled.ContainsKey("aoti_torch_cuda__fused_rms_norm")
+        : Resolve("libtorch_cpu.so", "aoti_torch_cpu__fused_rms_norm") != 0 && !Disabled.ContainsKey("aoti_torch_cpu__fused_rms_norm");
+
+    /// <summary>The address of a tensor's first element, or null when the shim is unavailable. Host metadata only; never syncs.</summary>
+    public static nint? DataPointer(Tensor tensor)
+    {
+        ArgumentNullException.ThrowIfNull(tensor);
+        var entry = Resolve("libtorch_cpu.so", "aoti_torch_get_data_ptr");
+        if (entry == 0)
+        {
+            return null;
+        }
+        var fn = (delegate* unmanaged<nint, nint*, int>)entry;
+        nint pointer = 0;
+        var rc = fn(tensor.Handle, &pointer);
+        GC.KeepAlive(tensor);
+        return rc == 0 ? pointer : null;
+    }
+
+    private static nint Resolve(string library, string symbol) => Symbols.GetOrAdd(symbol, _ =>
+    {
+        var handle = LoadedLibrary(library);
+        return handle != 0 && NativeLibrary.TryGetExport(handle, symbol, out var address) ? address : 0;
+    });
+
+    /// <summary>
+    /// A handle to an already loaded LibTorch library: by soname first (glibc matches loaded objects by soname), else by
+    /// the path this process mapped it from.
+    /// </summary>
+    private static nint LoadedLibrary(string soname)
+    {
+        if (NativeLibrary.TryLoad(soname, out var handle))
+        {
+            return handle;
+        }
+        try
+        {
+            var path = File.ReadLines("/proc/self/maps")
+                .Select(l => l.IndexOf('/', StringComparison.Ordinal) is var i and >= 0 ? l[i..] : null)
+                .FirstOrDefault(p => p is not null && Path.GetFileName(p) == soname);
+            return path is not null && NativeLibrary.TryLoad(path, out handle) ? handle : 0;
+        }
+        catch (IOException)
+        {
+            return 0;
+        }
+    }
+}
