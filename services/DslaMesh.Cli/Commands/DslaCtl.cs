@@ -11,6 +11,7 @@ public static class DslaCtl
         var root = new RootCommand("dslactl: drive DslaMesh models, services and policies.");
         root.Subcommands.Add(ModelCommands.Create());
         root.Subcommands.Add(GenerateCommand.Create());
+        root.Subcommands.Add(BenchCommands.Create());
         return root;
     }
 }
