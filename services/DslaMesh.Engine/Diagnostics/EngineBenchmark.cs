@@ -118,6 +118,7 @@ public static class EngineBenchmark
         {
             notes["libtorch"] = external;
         }
+        notes["libtorchsharp_patched_versions"] = LibTorchSharpLoader.PatchedVersions.Count == 0 ? "none" : string.Join(",", LibTorchSharpLoader.PatchedVersions);
 
         double? bandwidth = null;
         if (settings.CopyBytes > 0)
