@@ -56,7 +56,9 @@ public sealed record EngineBenchmarkSettings
 public sealed record PrefillMeasurement(int Tokens, double? Ms, string Status, [property: JsonPropertyName("needs_gib")] double NeedsGiB);
 
 /// <summary>One decode measurement: milliseconds per step, each step producing one token for each of the batch's sequences.</summary>
-public sealed record DecodeMeasurement(int Batch, int Context, double? MsPerStep, string Status, [property: JsonPropertyName("needs_gib")] double NeedsGiB)
+/// <remarks><see cref="HostMsPerStep"/> is the median time the host spent issuing a step (before waiting for the device): when it is
+/// close to <see cref="MsPerStep"/>, decode is bound by kernel launches, not by the GPU.</remarks>
+public sealed record DecodeMeasurement(int Batch, int Context, double? MsPerStep, string Status, [property: JsonPropertyName("needs_gib")] double NeedsGiB, double? HostMsPerStep = null)
 {
     /// <summary>Tokens per second over the batch.</summary>
     public double? TokensPerSecond => MsPerStep is { } ms ? Batch * 1000.0 / ms : null;
@@ -126,6 +128,10 @@ public static class EngineBenchmark
             bandwidth = MeasureCopyBandwidth(settings.CopyBytes, device, cuda);
             log($"copy bandwidth: {bandwidth:F0} GB/s (read + write, {settings.CopyBytes / GiB:F1} GiB buffer)");
         }
+
+        var launch = MeasureLaunchOverhead(device, cuda);
+        notes["host_us_per_small_op"] = launch.ToString("F2", System.Globalization.CultureInfo.InvariantCulture);
+        log($"host cost of one small op (TorchSharp → LibTorch → launch): {launch:F2} µs");
 
         var stopwatch = Stopwatch.StartNew();
         var model = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels);
@@ -212,6 +218,27 @@ public static class EngineBenchmark
         return 2.0 * elements * sizeof(float) / Median(rounds) / 1e9;
     }
 
+    /// <summary>Microseconds the host spends per small elementwise op (an in-place add on 4096 elements), issuing 5000 in a row.</summary>
+    public static double MeasureLaunchOverhead(Device device, bool cuda)
+    {
+        using var scope = NewDisposeScope();
+        using var mode = inference_mode();
+        var x = zeros(4096, dtype: ScalarType.Float32, device: device);
+        var rounds = new List<double>();
+        for (var round = 0; round < 4; round++)
+        {
+            Sync(device, cuda);
+            var watch = Stopwatch.StartNew();
+            for (var i = 0; i < 5000; i++)
+            {
+                x.add_(1);
+            }
+            rounds.Add(watch.Elapsed.TotalMilliseconds * 1000 / 5000);
+            Sync(device, cuda);
+        }
+        return Median(rounds.Skip(1).ToList());
+    }
+
     private static PrefillMeasurement MeasurePrefill(LlamaForCausalLM model, int tokens, EngineBenchmarkSettings settings, Device device, bool cuda, long? budget, Action<string> log)
     {
         var config = model.Config;
@@ -271,6 +298,7 @@ public static class EngineBenchmark
         }
         var caches = Array.Empty<SequenceCache>();
         var times = new List<double>();
+        var hostTimes = new List<double>();
         try
         {
             using var outer = NewDisposeScope();
@@ -299,10 +327,12 @@ public static class EngineBenchmark
                         var logits = model.Forward(ids, caches, lastPositionOnly: true);
                         next = logits.argmax(-1).DetachFromDisposeScope();   // [B, 1]: the next input, never read on the host
                     }
+                    var issued = watch.Elapsed.TotalMilliseconds;
                     Sync(device, cuda);
                     if (step >= settings.Warmup)
                     {
                         times.Add(watch.Elapsed.TotalMilliseconds);
+                        hostTimes.Add(issued);
                     }
                     ids.Dispose();
                     ids = next;
@@ -326,8 +356,9 @@ public static class EngineBenchmark
             }
         }
         var median = Median(times);
-        log($"decode batch {batch,2} context {context,6}: {median,8:F2} ms/step ({batch * 1000 / median:F0} tokens/s)");
-        return new DecodeMeasurement(batch, context, Math.Round(median, 3), "ok", Math.Round(needs / GiB, 2));
+        var host = Median(hostTimes);
+        log($"decode batch {batch,2} context {context,6}: {median,8:F2} ms/step ({batch * 1000 / median:F0} tokens/s; host issues a step in {host:F2} ms)");
+        return new DecodeMeasurement(batch, context, Math.Round(median, 3), "ok", Math.Round(needs / GiB, 2), Math.Round(host, 3));
     }
 
     private static bool IsOutOfMemory(ExternalException e) =>

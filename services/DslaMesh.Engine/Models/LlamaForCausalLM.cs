@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using DslaMesh.Engine.Checkpoints;
 using DslaMesh.Engine.Inference;
 using TorchSharp.Modules;
@@ -111,20 +110,20 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <summary>Fills every weight from a seeded normal distribution (benchmarks of speed, not quality).</summary>
     public void InitializeRandom(long seed, double std = 0.02)
     {
-        Generator? generator;
-        try
+        // TorchSharp creates CPU generators whatever device it is given, and CUDA kernels reject those: seed the
+        // device's default generator instead.
+        Generator? generator = null;
+        if (Device.type == TorchSharp.DeviceType.CPU)
         {
             generator = new Generator((ulong)seed, Device);
         }
-        catch (ExternalException)
+        else
         {
-            // Some LibTorch builds cannot create a generator for this device; seed the device's default one instead.
             manual_seed(seed);
             if (Device.type == TorchSharp.DeviceType.CUDA)
             {
                 cuda.manual_seed(seed);
             }
-            generator = null;
         }
         using var owned = generator;
         using (no_grad())
