@@ -187,6 +187,8 @@ def main() -> int:
     parser.add_argument("--copy-mib", type=int, default=1024)
     parser.add_argument("--reserve-gib", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--no-cudnn-sdp", action="store_true",
+                        help="turn off PyTorch's cuDNN SDPA backend (it re-plans for every new KV length); reports are named transformers-<impl>-nocudnn")
     parser.add_argument("--out", default=".", help="folder for transformers-<impl>.json")
     args = parser.parse_args()
 
@@ -194,6 +196,10 @@ def main() -> int:
         print(line, file=sys.stderr, flush=True)
 
     device = torch.device(args.device)
+    suffix = ""
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        suffix = "-nocudnn"
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     element = torch.tensor([], dtype=dtype).element_size()
     hidden = args.hidden
@@ -234,7 +240,7 @@ def main() -> int:
         decode = [measure_decode(model, cfg, b, c, impl, args, device, dtype, element, log)
                   for b in ints(args.batches) for c in ints(args.contexts)]
         report = {
-            "engine": f"transformers-{impl}",
+            "engine": f"transformers-{impl}{suffix}",
             "device": name,
             "dtype": str(dtype).removeprefix("torch."),
             "model": {"hidden": cfg.hidden_size, "layers": cfg.num_hidden_layers, "heads": cfg.num_attention_heads,
@@ -245,11 +251,11 @@ def main() -> int:
             "prefill": prefill,
             "decode": decode,
             "plain_kernels": None,
-            "notes": {"transformers": transformers.__version__, "torch": torch.__version__, "attn_implementation": impl,
+            "notes": {"transformers": transformers.__version__, "torch": torch.__version__, "attn_implementation": impl, "cudnn_sdp": torch.backends.cuda.cudnn_sdp_enabled() if device.type == "cuda" else None,
                       "cache": "DynamicCache", "decode_timing": "median of per-step wall times, each step synchronised (forward + argmax)"},
             "timestamp": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        path = os.path.join(args.out, f"transformers-{impl}.json")
+        path = os.path.join(args.out, f"transformers-{impl}{suffix}.json")
         with open(path, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
             f.write("\n")

@@ -78,9 +78,11 @@ if [ -z "${SKIP_BASELINE:-}" ]; then
   echo "== transformers baseline"
   timeout "${BASELINE_TIMEOUT:-400}" python3 "$here/bench_transformers.py" --out "$out" 2>&1 | tee "$out/transformers.txt"
   echo "baseline exit ${PIPESTATUS[0]}"
+  echo "== transformers sdpa with PyTorch's cuDNN attention off (as the engine runs)"
+  timeout "${BASELINE_TIMEOUT:-400}" python3 "$here/bench_transformers.py" --attention sdpa --no-cudnn-sdp --out "$out" 2>&1 | tee -a "$out/transformers.txt"
 fi
 
 echo "== table"
 reports=("$out/engine.json")
-for f in "$out/transformers-sdpa.json" "$out/transformers-eager.json"; do [ -f "$f" ] && reports+=("$f"); done
+for f in "$out/transformers-sdpa.json" "$out/transformers-sdpa-nocudnn.json" "$out/transformers-eager.json"; do [ -f "$f" ] && reports+=("$f"); done
 [ -f "$out/engine.json" ] && python3 "$here/compare.py" "${reports[@]}" --markdown "$out/table.md"

@@ -39,11 +39,12 @@ public static class BenchCommands
         var copyMiB = new Option<int>("--copy-mib") { Description = "Buffer size for the copy-bandwidth measurement (0 = skip).", DefaultValueFactory = _ => 1024 };
         var plainKernels = new Option<bool>("--plain-kernels") { Description = "Measure the plain path (separate projections, composite RMS norm) instead of the fused one." };
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
+        var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var seed = new Option<long>("--seed") { Description = "Seed for weights and inputs.", DefaultValueFactory = _ => 1234 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, cudnnAttention, seed, json })
         {
             command.Options.Add(option);
         }
@@ -54,6 +55,7 @@ public static class BenchCommands
                 Device = result.GetValue(device) ?? "cuda",
                 DType = result.GetValue(dtype),
                 LibTorchDirectory = result.GetValue(libTorch)?.FullName,
+                CudnnAttention = result.GetValue(cudnnAttention),
             };
             var problems = new List<System.ComponentModel.DataAnnotations.ValidationResult>();
             if (!System.ComponentModel.DataAnnotations.Validator.TryValidateObject(backend, new(backend), problems, validateAllProperties: true))

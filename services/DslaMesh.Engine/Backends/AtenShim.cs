@@ -81,6 +81,38 @@ public static unsafe class AtenShim
         return rc == 0 ? pointer : null;
     }
 
+    /// <summary>
+    /// Turns LibTorch's cuDNN backend for scaled-dot-product attention on or off (<c>at::globalContext().setSDPUseCuDNN</c>,
+    /// what <c>torch.backends.cuda.enable_cudnn_sdp</c> sets in Python). Returns whether it is enabled afterwards, or null when
+    /// the loaded LibTorch does not export the switch.
+    /// </summary>
+    /// <remarks>
+    /// cuDNN attention builds an execution plan for every new sequence length; in decode, where the KV length grows by
+    /// one each step, that cost lands on every attention call (about 2 ms on an H200), so the engine turns it off and
+    /// SDPA uses FlashAttention or the memory-efficient kernel instead.
+    /// </remarks>
+    public static bool? SetCudnnAttention(bool enabled)
+    {
+        var context = Resolve("libtorch_cpu.so", "_ZN2at13globalContextEv");
+        var set = Resolve("libtorch_cpu.so", "_ZN2at7Context14setSDPUseCuDNNEb");
+        var get = Resolve("libtorch_cpu.so", "_ZNK2at7Context19userEnabledCuDNNSDPEv");
+        if (context == 0 || set == 0 || get == 0)
+        {
+            return null;
+        }
+        var global = ((delegate* unmanaged<nint>)context)();
+        ((delegate* unmanaged<nint, byte, void>)set)(global, enabled ? (byte)1 : (byte)0);
+        return ((delegate* unmanaged<nint, byte>)get)(global) != 0;
+    }
+
+    /// <summary>Whether LibTorch may use cuDNN for scaled-dot-product attention, or null when unknown.</summary>
+    public static bool? CudnnAttentionEnabled()
+    {
+        var context = Resolve("libtorch_cpu.so", "_ZN2at13globalContextEv");
+        var get = Resolve("libtorch_cpu.so", "_ZNK2at7Context19userEnabledCuDNNSDPEv");
+        return context == 0 || get == 0 ? null : ((delegate* unmanaged<nint, byte>)get)(((delegate* unmanaged<nint>)context)()) != 0;
+    }
+
     private static nint Resolve(string library, string symbol) => Symbols.GetOrAdd(symbol, _ =>
     {
         var handle = LoadedLibrary(library);

@@ -120,6 +120,7 @@ public static class EngineBenchmark
         {
             notes["libtorch"] = external;
         }
+        notes["cudnn_attention"] = AtenShim.CudnnAttentionEnabled()?.ToString() ?? "unknown";
         notes["libtorchsharp_patched_versions"] = LibTorchSharpLoader.PatchedVersions.Count == 0 ? "none" : string.Join(",", LibTorchSharpLoader.PatchedVersions);
 
         double? bandwidth = null;

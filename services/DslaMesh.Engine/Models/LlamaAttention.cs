@@ -93,6 +93,31 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     public Tensor Forward(Tensor x, ForwardContext context, int layer)
     {
         using var scope = NewDisposeScope();
+        return _o.forward(Mix(x, context, layer)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// residual + Forward(x), written into <paramref name="residual"/> [B, T, D] by the output projection itself (one
+    /// GEMM with β = 1) when gradients are off, the projection has no bias and the residual is contiguous; otherwise a
+    /// new tensor. Returns the result.
+    /// </summary>
+    public Tensor AddTo(Tensor residual, Tensor x, ForwardContext context, int layer)
+    {
+        ArgumentNullException.ThrowIfNull(residual);
+        using var scope = NewDisposeScope();
+        if (_qkv is null || _o.Bias is not null || is_grad_enabled() || !residual.is_contiguous())
+        {
+            return (residual + Forward(x, context, layer)).MoveToOuterDisposeScope();
+        }
+        var merged = Mix(x, context, layer);
+        residual.view(-1, residual.shape[^1]).addmm_(merged.reshape(-1, _heads * _headDim), _o.Weight.t());
+        return residual;
+    }
+
+    /// <summary>Attention before the output projection: x [B, T, D] → [B, T, H·hd].</summary>
+    private Tensor Mix(Tensor x, ForwardContext context, int layer)
+    {
+        using var scope = NewDisposeScope();
         var (b, t) = (x.shape[0], x.shape[1]);
         var (q, k, v) = Project(x, context);
         Tensor output;
@@ -119,14 +144,13 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
                     state = new KvState(_kvHeads, _headDim, Math.Max(cache.ExpectedLength, context.StartPositions[row] + (int)t), k.dtype, k.device);
                     cache[layer] = state;
                 }
-                var (keys, values) = state.Append(k.narrow(0, row, 1), v.narrow(0, row, 1));
-                rows[row] = Attend(q.narrow(0, row, 1), keys, values, context.StartPositions[row]);
+                var (keys, values) = b == 1 ? state.Append(k, v) : state.Append(k.narrow(0, row, 1), v.narrow(0, row, 1));
+                rows[row] = Attend(b == 1 ? q : q.narrow(0, row, 1), keys, values, context.StartPositions[row]);
             }
             output = b == 1 ? rows[0] : cat(rows, 0);
         }
         // [B, H, T, hd] → [B, T, H·hd]
-        var merged = output.transpose(1, 2).reshape(b, t, _heads * _headDim);
-        return _o.forward(merged).MoveToOuterDisposeScope();
+        return output.transpose(1, 2).reshape(b, t, _heads * _headDim).MoveToOuterDisposeScope();
     }
 
     /// <summary>

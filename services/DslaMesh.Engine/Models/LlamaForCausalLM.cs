@@ -163,10 +163,11 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         using var scope = NewDisposeScope();
         using var context = CreateContext(ids, caches, dslaLayers);
+        // The residual stream is this method's own tensor: layers may update it in place.
         var hidden = Embed(ids);
         foreach (var layer in _layerArray)
         {
-            hidden = layer.Forward(hidden, context);
+            hidden = layer.Forward(hidden, context, inputIsScratch: true);
         }
         if (caches is not null)
         {

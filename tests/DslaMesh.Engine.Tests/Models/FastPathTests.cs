@@ -138,3 +138,24 @@ public sealed class FastPathTests
         }
     }
 }
+
+/// <summary>LibTorch switches the engine sets through the C++ ABI.</summary>
+public sealed class AtenSwitchTests
+{
+    [Fact]
+    public void Cudnn_attention_switch_round_trips()
+    {
+        TorchRuntime.EnsureCpu();
+        var before = AtenShim.CudnnAttentionEnabled();
+        Assert.NotNull(before);
+        try
+        {
+            Assert.False(AtenShim.SetCudnnAttention(false));
+            Assert.True(AtenShim.SetCudnnAttention(true));
+        }
+        finally
+        {
+            AtenShim.SetCudnnAttention(before!.Value);
+        }
+    }
+}
