@@ -40,11 +40,13 @@ public static class BenchCommands
         var plainKernels = new Option<bool>("--plain-kernels") { Description = "Measure the plain path (separate projections, composite RMS norm) instead of the fused one." };
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
+        var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
+        var decodeFirst = new Option<bool>("--decode-first") { Description = "Measure decode before prefill." };
         var seed = new Option<long>("--seed") { Description = "Seed for weights and inputs.", DefaultValueFactory = _ => 1234 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, cudnnAttention, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, cudnnAttention, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -96,6 +98,8 @@ public static class BenchCommands
                 Seed = result.GetValue(seed),
                 Kernels = result.GetValue(plainKernels) ? LlamaKernelOptions.Plain : LlamaKernelOptions.Default,
                 ComparePlain = result.GetValue(comparePlain),
+                HostProfile = result.GetValue(hostProfile),
+                DecodeFirst = result.GetValue(decodeFirst),
             };
             var torchDevice = TorchRuntime.Initialize(backend);
             var report = EngineBenchmark.Run(settings, torchDevice, line => Console.Error.WriteLine(line));

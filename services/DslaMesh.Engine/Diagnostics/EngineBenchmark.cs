@@ -48,6 +48,12 @@ public sealed record EngineBenchmarkSettings
     /// <summary>Weight layout and fused kernels of the model under test.</summary>
     public LlamaKernelOptions Kernels { get; init; } = LlamaKernelOptions.Default;
 
+    /// <summary>Also measure the host time of single operations of a decode step (batch 1, context 1024) into the notes.</summary>
+    public bool HostProfile { get; init; }
+
+    /// <summary>Measure decode before prefill (to see whether long prefills leave the process slower).</summary>
+    public bool DecodeFirst { get; init; }
+
     /// <summary>Also time the plain kernels (<see cref="LlamaKernelOptions.Plain"/>) at the first prefill length and batch-1 context: before/after.</summary>
     public bool ComparePlain { get; init; }
 }
@@ -109,6 +115,10 @@ public static class EngineBenchmark
         var config = settings.Config;
         var cuda = device.type == DeviceType.CUDA;
         var maxPositions = Math.Max(settings.PrefillTokens.DefaultIfEmpty(1).Max(), settings.DecodeContexts.DefaultIfEmpty(1).Max() + settings.Warmup + settings.DecodeSteps + 1);
+        if (settings.HostProfile)
+        {
+            maxPositions = Math.Max(maxPositions, 1024 + (3 * 200) + 16);
+        }
         var notes = new Dictionary<string, string>(StringComparer.Ordinal)
         {
             ["fuse_projections"] = settings.Kernels.FuseProjections.ToString(),
@@ -151,11 +161,21 @@ public static class EngineBenchmark
             {
                 log($"memory for caches and activations: {b / GiB:F1} GiB (free after weights, less {settings.ReserveBytes / GiB:F0} GiB reserve)");
             }
-            prefill = settings.PrefillTokens.Select(t => MeasurePrefill(model, t, settings, device, cuda, budget, log)).ToList();
-            decode = settings.DecodeBatches
+            if (settings.HostProfile)
+            {
+                foreach (var (name, micros) in ProfileHost(model, device, cuda))
+                {
+                    notes[$"host_us_{name}"] = micros.ToString("F1", System.Globalization.CultureInfo.InvariantCulture);
+                    log($"host µs per call, {name}: {micros:F1}");
+                }
+            }
+            List<DecodeMeasurement> MeasureAllDecode() => settings.DecodeBatches
                 .SelectMany(b => settings.DecodeContexts.Select(c => (b, c)))
                 .Select(p => MeasureDecode(model, p.b, p.c, settings, device, cuda, budget, log))
                 .ToList();
+            var early = settings.DecodeFirst ? MeasureAllDecode() : null;
+            prefill = settings.PrefillTokens.Select(t => MeasurePrefill(model, t, settings, device, cuda, budget, log)).ToList();
+            decode = early ?? MeasureAllDecode();
         }
         finally
         {
@@ -217,6 +237,71 @@ public static class EngineBenchmark
             rounds.Add(watch.Elapsed.TotalSeconds / CopiesPerRound);
         }
         return 2.0 * elements * sizeof(float) / Median(rounds) / 1e9;
+    }
+
+    /// <summary>
+    /// Host microseconds per call of the pieces of a batch-1 decode step at context 1024 (issued 200 times in a row,
+    /// synchronised only around the loop): where launch-bound decode spends its time.
+    /// </summary>
+    public static IReadOnlyList<(string Name, double Micros)> ProfileHost(LlamaForCausalLM model, Device device, bool cuda)
+    {
+        ArgumentNullException.ThrowIfNull(model);
+        const int Calls = 200;
+        var config = model.Config;
+        var results = new List<(string, double)>();
+        using var outer = NewDisposeScope();
+        using var mode = inference_mode();
+        var caches = SequenceCache.AllocateBatch(1, config.NumHiddenLayers, config.NumKeyValueHeads, config.HeadDim, 1024 + (3 * Calls) + 8, model.DType, device);
+        try
+        {
+            for (var layer = 0; layer < config.NumHiddenLayers; layer++)
+            {
+                var storage = ((KvState)caches[0][layer]!).Batch!;
+                storage.Keys.normal_();
+                storage.Values.normal_();
+            }
+            caches[0].AssumeProcessed(1024);
+            var x = randn(1, 1, config.HiddenSize, dtype: model.DType, device: device);
+            var ids = zeros(1, 1, dtype: ScalarType.Int64, device: device);
+            var q = randn(1, config.NumAttentionHeads, 1, config.HeadDim, dtype: model.DType, device: device);
+            var k = randn(1, config.NumKeyValueHeads, 1024, config.HeadDim, dtype: model.DType, device: device);
+            var weight = model.Layers[0].Attention.OutputProjection.Weight;
+            void Time(string name, Action body)
+            {
+                Sync(device, cuda);
+                var watch = Stopwatch.StartNew();
+                for (var i = 0; i < Calls; i++)
+                {
+                    using (NewDisposeScope())
+                    {
+                        body();
+                    }
+                }
+                results.Add((name, watch.Elapsed.TotalMilliseconds * 1000 / Calls));
+                Sync(device, cuda);
+            }
+            Time("empty_scope", () => { });
+            Time("narrow_view", () => x.narrow(2, 0, 128));
+            Time("add", () => x.add(x));
+            Time("roll", () => x.roll(64, -1));
+            Time("linear_1x4096x4096", () => nn.functional.linear(x, weight));
+            Time("rms_norm", () => model.Layers[0].InputNorm.forward(x));
+            Time("sdpa_decode_ctx1024", () => nn.functional.scaled_dot_product_attention(q, k, k));
+            Time("tensor_from_host", () => tensor(new long[] { 1, 2 }, device: device));
+            using (var context = model.CreateContext(ids, caches, null))
+            {
+                Time("attention", () => model.Layers[0].Attention.Forward(x, context, 0));
+                Time("mlp", () => model.Layers[0].Mlp.forward(x));
+                Time("decoder_layer", () => model.Layers[0].Forward(x, context));
+            }
+            Time("create_context", () => model.CreateContext(ids, caches, null).Dispose());
+            Time("full_step", () => model.Forward(ids, caches, lastPositionOnly: true));
+        }
+        finally
+        {
+            caches[0].Dispose();
+        }
+        return results;
     }
 
     /// <summary>Microseconds the host spends per small elementwise op (an in-place add on 4096 elements), issuing 5000 in a row.</summary>

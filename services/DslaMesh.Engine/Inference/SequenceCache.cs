@@ -75,7 +75,9 @@ public sealed class KvState : ILayerState
     {
         var count = (int)keys.shape[2];
         EnsureCapacity(Length + count);
-        using (no_grad())
+        // Skip the grad-mode switch (three native calls) when gradients are already off, as in generation.
+        var grad = is_grad_enabled() ? no_grad() : null;
+        using (grad)
         {
             _keys.narrow(2, Length, count).copy_(keys);
             _values.narrow(2, Length, count).copy_(values);
