@@ -15,29 +15,38 @@ public static unsafe class AtenShim
 {
     private static readonly ConcurrentDictionary<string, nint> Symbols = new(StringComparer.Ordinal);
     private static readonly ConcurrentDictionary<string, bool> Disabled = new(StringComparer.Ordinal);
+    private static nint _dataPointer = -1;
+    private static nint _rmsNormCpu = -1;
+    private static nint _rmsNormCuda = -1;
 
     /// <summary>
     /// Fused RMS norm of the last dimension (<c>at::_fused_rms_norm</c>): one kernel on CUDA instead of eight. Computes in
     /// fp32 and rounds once. Bypasses autograd, so callers use it only with gradients off.
     /// </summary>
     /// <returns>False when the shim is missing or failed; <paramref name="output"/> is then null.</returns>
-    public static bool TryFusedRmsNorm(Tensor input, Tensor? weight, double eps, [NotNullWhen(true)] out Tensor? output)
+    /// <param name="input">Tensor [..., D].</param>
+    /// <param name="weight">Scale [D], or null.</param>
+    /// <param name="eps">Added to the mean square.</param>
+    /// <param name="output">The normalised tensor, in <paramref name="input"/>'s dtype.</param>
+    /// <param name="normalizedSize">D when the caller knows it (saves a native call), else 0.</param>
+    public static bool TryFusedRmsNorm(Tensor input, Tensor? weight, double eps, [NotNullWhen(true)] out Tensor? output, long normalizedSize = 0)
     {
         ArgumentNullException.ThrowIfNull(input);
         output = null;
         var cuda = input.device_type == DeviceType.CUDA;
-        var symbol = cuda ? "aoti_torch_cuda__fused_rms_norm" : "aoti_torch_cpu__fused_rms_norm";
-        if (Disabled.ContainsKey(symbol))
+        // Hot path (twice per layer per step): a cached pointer, 0 once missing or failed.
+        var entry = cuda ? _rmsNormCuda : _rmsNormCpu;
+        if (entry == -1)
         {
-            return false;
+            entry = Resolve(cuda ? "libtorch_cuda.so" : "libtorch_cpu.so", cuda ? "aoti_torch_cuda__fused_rms_norm" : "aoti_torch_cpu__fused_rms_norm");
+            _ = cuda ? _rmsNormCuda = entry : _rmsNormCpu = entry;
         }
-        var entry = Resolve(cuda ? "libtorch_cuda.so" : "libtorch_cpu.so", symbol);
         if (entry == 0)
         {
             return false;
         }
         var fn = (delegate* unmanaged<nint, long*, long, nint*, double*, nint*, nint*, int>)entry;
-        var shape = input.shape[^1];
+        var shape = normalizedSize > 0 ? normalizedSize : input.shape[^1];
         var weightHandle = weight?.Handle ?? 0;
         nint result = 0, rstd = 0;
         var rc = fn(input.Handle, &shape, 1, weight is null ? null : &weightHandle, &eps, &result, &rstd);
@@ -53,7 +62,8 @@ public static unsafe class AtenShim
             {
                 Tensor.UnsafeCreateTensor(result).Dispose();
             }
-            Disabled[symbol] = true;
+            Disabled[cuda ? "aoti_torch_cuda__fused_rms_norm" : "aoti_torch_cpu__fused_rms_norm"] = true;
+            _ = cuda ? _rmsNormCuda = 0 : _rmsNormCpu = 0;
             return false;
         }
         output = Tensor.UnsafeCreateTensor(result);
@@ -69,7 +79,11 @@ public static unsafe class AtenShim
     public static nint? DataPointer(Tensor tensor)
     {
         ArgumentNullException.ThrowIfNull(tensor);
-        var entry = Resolve("libtorch_cpu.so", "aoti_torch_get_data_ptr");
+        var entry = _dataPointer;
+        if (entry == -1)
+        {
+            entry = _dataPointer = Resolve("libtorch_cpu.so", "aoti_torch_get_data_ptr");
+        }
         if (entry == 0)
         {
             return null;

@@ -27,6 +27,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly int _kvHeads;
     private readonly int _headDim;
     private readonly FusedLinear? _qkv;
+    private readonly long _hidden;
 
     public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaAttention")
     {
@@ -34,6 +35,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
+        _hidden = config.HiddenSize;
         if (fuseProjections)
         {
             _qkv = new FusedLinear(config.HiddenSize, [_heads * _headDim, _kvHeads * _headDim, _kvHeads * _headDim], config.AttentionBias, dtype, device);
@@ -68,7 +70,8 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         ArgumentNullException.ThrowIfNull(x);
         ArgumentNullException.ThrowIfNull(context);
         using var scope = NewDisposeScope();
-        var (b, t) = (x.shape[0], x.shape[1]);
+        var xShape = x.shape;
+        var (b, t) = (xShape[0], xShape[1]);
         if (context.SinSigned is not null && UsesFusedProjections)
         {
             // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
@@ -110,7 +113,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
             return (residual + Forward(x, context, layer)).MoveToOuterDisposeScope();
         }
         var merged = Mix(x, context, layer);
-        residual.view(-1, residual.shape[^1]).addmm_(merged.reshape(-1, _heads * _headDim), _o.Weight.t());
+        residual.view(-1, _hidden).addmm_(merged.reshape(-1, _heads * _headDim), _o.WeightTransposed);
         return residual;
     }
 
@@ -118,7 +121,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private Tensor Mix(Tensor x, ForwardContext context, int layer)
     {
         using var scope = NewDisposeScope();
-        var (b, t) = (x.shape[0], x.shape[1]);
+        var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
         var (q, k, v) = Project(x, context);
         Tensor output;
         if (context.Caches is null)
@@ -160,7 +163,8 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     public Tensor Attend(Tensor q, Tensor keys, Tensor values, int start)
     {
         using var scope = NewDisposeScope();
-        var (b, t, l) = (q.shape[0], q.shape[2], keys.shape[2]);
+        var qShape = q.shape;
+        var (b, t, l) = (qShape[0], qShape[2], keys.shape[2]);
         var group = _heads / _kvHeads;
         // Fold the query heads of each KV group into the query axis: [B, Hkv, group·T, hd].
         var grouped = group == 1 ? q : q.reshape(b, _kvHeads, group * t, _headDim);

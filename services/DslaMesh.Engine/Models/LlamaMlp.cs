@@ -18,11 +18,13 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     private readonly Projection _down;
     private readonly FusedLinear? _gateUp;
     private readonly long _intermediate;
+    private readonly long _hidden;
 
     public LlamaMlp(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaMLP")
     {
         ArgumentNullException.ThrowIfNull(config);
         _intermediate = config.IntermediateSize;
+        _hidden = config.HiddenSize;
         if (fuseProjections)
         {
             _gateUp = new FusedLinear(config.HiddenSize, [config.IntermediateSize, config.IntermediateSize], config.MlpBias, dtype, device);
@@ -57,7 +59,7 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
             return (residual + forward(x)).MoveToOuterDisposeScope();
         }
         var act = Activation(x);
-        residual.view(-1, residual.shape[^1]).addmm_(act.view(-1, _intermediate), _down.Weight.t());
+        residual.view(-1, _hidden).addmm_(act.view(-1, _intermediate), _down.WeightTransposed);
         return residual;
     }
 

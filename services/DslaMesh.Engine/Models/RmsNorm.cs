@@ -16,10 +16,12 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     private readonly Parameter _weight;
     private readonly double _eps;
     private readonly bool _fused;
+    private readonly long _size;
 
     public RmsNorm(long size, double eps, ScalarType dtype, Device device, bool fused = true) : base("RMSNorm")
     {
         _fused = fused;
+        _size = size;
         _weight = new Parameter(ones(size, dtype: dtype, device: device), requires_grad: false);
         _eps = eps;
         RegisterComponents();
@@ -32,7 +34,7 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         ArgumentNullException.ThrowIfNull(x);
-        if (_fused && !is_grad_enabled() && Backends.AtenShim.TryFusedRmsNorm(x, _weight, _eps, out var fused))
+        if (_fused && !is_grad_enabled() && Backends.AtenShim.TryFusedRmsNorm(x, _weight, _eps, out var fused, _size))
         {
             return fused;
         }

@@ -8,6 +8,7 @@ namespace DslaMesh.Engine.Models;
 /// </summary>
 public sealed class RotaryEmbedding : IDisposable
 {
+    private static readonly TorchSharp.Scalar One = 1.0;
     private readonly Tensor _cos;   // [P, hd] fp32
     private readonly Tensor _sin;   // [P, hd] fp32
     private readonly Tensor _sinSigned;   // [P, hd] fp32: sin with its first half negated (see ApplyRolled)
@@ -88,7 +89,7 @@ public sealed class RotaryEmbedding : IDisposable
     public static Tensor ApplyRolled(Tensor x, Tensor rolled, Tensor cos, Tensor sinSigned)
     {
         using var scope = NewDisposeScope();
-        return addcmul(x * cos, rolled, sinSigned, 1).MoveToOuterDisposeScope();
+        return addcmul(x * cos, rolled, sinSigned, One).MoveToOuterDisposeScope();
     }
 
     /// <summary>Rotates x [B, H, T, hd] by the given cos/sin [B, 1, T, hd].</summary>
