@@ -16,6 +16,7 @@ public static class DslaCtl
         root.Subcommands.Add(PolicyCommands.Create());
         root.Subcommands.Add(StatusCommand.Create());
         root.Subcommands.Add(ConvertCommand.Create());
+        root.Subcommands.Add(BenchCommands.Create());
         return root;
     }
 }

@@ -32,6 +32,12 @@ public sealed class TorchBackendOptions
     [Range(0, 1024)]
     public int CpuThreads { get; set; }
 
+    /// <summary>
+    /// Let scaled-dot-product attention use cuDNN on CUDA. Off by default: cuDNN plans per sequence length, which costs
+    /// milliseconds on every decode step (see <see cref="AtenShim.SetCudnnAttention"/>); FlashAttention serves instead.
+    /// </summary>
+    public bool CudnnAttention { get; set; }
+
     /// <summary>Whether the device is a CUDA device.</summary>
     public bool IsCuda => Device.StartsWith("cuda", StringComparison.Ordinal);
 }

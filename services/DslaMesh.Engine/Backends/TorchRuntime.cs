@@ -37,15 +37,21 @@ public static class TorchRuntime
             LibTorchSharpLoader.EnsureLoadable();
             if (options.IsCuda)
             {
-                LoadCudaLibTorch(options.LibTorchDirectory ?? DiscoverPythonLibTorch());
+                LoadExternalLibTorch(options.LibTorchDirectory ?? DiscoverPythonLibTorch(), cuda: true);
                 torch.InitializeDeviceType(DeviceType.CUDA);
                 if (!torch.cuda.is_available())
                 {
                     throw new InvalidOperationException("CUDA LibTorch loaded but no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES).");
                 }
+                AtenShim.SetCudnnAttention(options.CudnnAttention);
             }
             else
             {
+                if (!HasBundledLibTorch())
+                {
+                    // A bundle built with DslaTorchBackend=external ships no LibTorch: use the host's for CPU too.
+                    LoadExternalLibTorch(options.LibTorchDirectory ?? DiscoverPythonLibTorch(), cuda: false);
+                }
                 torch.InitializeDeviceType(DeviceType.CPU);
             }
             if (options.CpuThreads > 0)
@@ -66,16 +72,24 @@ public static class TorchRuntime
         var other => throw new ArgumentException($"Unsupported dtype '{other}'.", nameof(options)),
     };
 
-    private static void LoadCudaLibTorch(string directory)
+    /// <summary>The LibTorch folder loaded from outside the application, or null when it ships its own.</summary>
+    public static string? ExternalLibTorchDirectory { get; private set; }
+
+    private static void LoadExternalLibTorch(string directory, bool cuda)
     {
-        var cuda = Path.Combine(directory, "libtorch_cuda.so");
-        if (!File.Exists(cuda))
+        var required = Path.Combine(directory, cuda ? "libtorch_cuda.so" : "libtorch_cpu.so");
+        if (!File.Exists(required))
         {
-            throw new InvalidOperationException($"No libtorch_cuda.so in '{directory}'. Set TorchBackend:LibTorchDirectory to a CUDA LibTorch folder (PyTorch's site-packages/torch/lib).");
+            throw new InvalidOperationException(cuda
+                ? $"No libtorch_cuda.so in '{directory}'. Set TorchBackend:LibTorchDirectory (--libtorch) to a CUDA LibTorch folder (PyTorch's site-packages/torch/lib)."
+                : $"This build ships no LibTorch and '{directory}' has no libtorch_cpu.so. Set TorchBackend:LibTorchDirectory (--libtorch) to a LibTorch folder.");
         }
-        // Loading torch_cuda first pulls in torch_cpu and c10 from the same folder; TorchSharp's bridge then binds to
-        // them by soname instead of looking for a CPU LibTorch beside the application.
-        foreach (var name in new[] { "libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so" })
+        // Loading the libraries by path first makes TorchSharp's bridge bind to them by soname instead of looking for a
+        // LibTorch beside the application. torch_cuda pulls in its CUDA libraries through its own RPATH.
+        var names = cuda
+            ? new[] { "libc10.so", "libtorch_cpu.so", "libc10_cuda.so", "libtorch_cuda.so", "libtorch.so" }
+            : new[] { "libc10.so", "libtorch_cpu.so", "libtorch.so" };
+        foreach (var name in names)
         {
             var path = Path.Combine(directory, name);
             if (File.Exists(path))
@@ -83,6 +97,16 @@ public static class TorchRuntime
                 NativeLibrary.Load(path);
             }
         }
+        ExternalLibTorchDirectory = directory;
+    }
+
+    /// <summary>Whether a LibTorch CPU build sits beside the application (the TorchSharp-cpu package).</summary>
+    private static bool HasBundledLibTorch()
+    {
+        var rid = RuntimeInformation.ProcessArchitecture == Architecture.Arm64 ? "linux-arm64" : "linux-x64";
+        return new[] { AppContext.BaseDirectory, Path.GetDirectoryName(typeof(torch).Assembly.Location) ?? AppContext.BaseDirectory }
+            .SelectMany(r => new[] { Path.Combine(r, "libtorch_cpu.so"), Path.Combine(r, "runtimes", rid, "native", "libtorch_cpu.so") })
+            .Any(File.Exists) || !OperatingSystem.IsLinux();
     }
 
     /// <summary>Asks the host's python3 where PyTorch keeps its libraries.</summary>

@@ -13,6 +13,11 @@ public interface ILayerState : IDisposable
 /// A softmax layer's key/value cache for one sequence: K and V [1, Hkv, capacity, hd], the first
 /// <see cref="Length"/> positions valid. Keys are stored after RoPE, as HF stores them. Grows by doubling.
 /// </summary>
+/// <remarks>
+/// The storage is either the sequence's own or one row of a <see cref="KvBatch"/> shared with the other rows of a
+/// batch, which lets those rows append and attend in one call each. A shared row that outgrows the batch's capacity
+/// moves to storage of its own and leaves the batch.
+/// </remarks>
 public sealed class KvState : ILayerState
 {
     private const int MinimumCapacity = 64;
@@ -25,6 +30,33 @@ public sealed class KvState : ILayerState
         _keys = empty([1, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
         _values = empty([1, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
     }
+
+    internal KvState(KvBatch batch, int row)
+    {
+        Batch = batch;
+        Row = row;
+        _keys = batch.Keys.narrow(0, row, 1).DetachFromDisposeScope();
+        _values = batch.Values.narrow(0, row, 1).DetachFromDisposeScope();
+    }
+
+    /// <summary>The batch storage this state is a row of, or null when it owns its storage.</summary>
+    public KvBatch? Batch { get; private set; }
+
+    /// <summary>This state's row in <see cref="Batch"/>.</summary>
+    public int Row { get; }
+
+    /// <summary>
+    /// Counts the first <paramref name="length"/> positions as valid without writing them (benchmarks that need a
+    /// cache of a given length, and callers that filled the storage themselves).
+    /// </summary>
+    public void AssumeFilled(int length)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        EnsureCapacity(length);
+        Length = length;
+    }
+
+    internal void Advance(int count) => Length += count;
 
     /// <summary>Valid positions.</summary>
     public int Length { get; private set; }
@@ -43,7 +75,9 @@ public sealed class KvState : ILayerState
     {
         var count = (int)keys.shape[2];
         EnsureCapacity(Length + count);
-        using (no_grad())
+        // Skip the grad-mode switch (three native calls) when gradients are already off, as in generation.
+        var grad = is_grad_enabled() ? no_grad() : null;
+        using (grad)
         {
             _keys.narrow(2, Length, count).copy_(keys);
             _values.narrow(2, Length, count).copy_(values);
@@ -61,7 +95,7 @@ public sealed class KvState : ILayerState
         {
             return;
         }
-        var capacity = Capacity;
+        var capacity = Math.Max(Capacity, MinimumCapacity);
         while (capacity < needed)
         {
             capacity *= 2;
@@ -78,6 +112,8 @@ public sealed class KvState : ILayerState
         _values.Dispose();
         _keys = keys;
         _values = values;
+        Batch?.Release();
+        Batch = null;
     }
 
     /// <inheritdoc/>
@@ -85,6 +121,112 @@ public sealed class KvState : ILayerState
     {
         _keys.Dispose();
         _values.Dispose();
+        Batch?.Release();
+        Batch = null;
+    }
+}
+
+/// <summary>
+/// One layer's key/value storage for the rows of a batch, [rows, Hkv, capacity, hd] for K and for V. Each row is a
+/// <see cref="KvState"/> of one sequence; while the rows of a forward pass are consecutive rows of one batch, at the
+/// same length, the layer appends their new keys and values with one copy each and attends with one SDPA call over
+/// a view, instead of one of each per row. Freed when the last row is disposed.
+/// </summary>
+public sealed class KvBatch
+{
+    private int _references;
+
+    private KvBatch(int rows, long kvHeads, long headDim, int capacity, ScalarType dtype, Device device)
+    {
+        Keys = empty([rows, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
+        Values = empty([rows, kvHeads, capacity, headDim], dtype: dtype, device: device).DetachFromDisposeScope();
+        _references = rows;
+    }
+
+    /// <summary>Keys [rows, Hkv, capacity, hd].</summary>
+    public Tensor Keys { get; }
+
+    /// <summary>Values [rows, Hkv, capacity, hd].</summary>
+    public Tensor Values { get; }
+
+    /// <summary>Positions each row can hold.</summary>
+    public long Capacity => Keys.shape[2];
+
+    /// <summary>Allocates storage for <paramref name="rows"/> sequences and returns one state per row.</summary>
+    public static KvState[] Allocate(int rows, long kvHeads, long headDim, int capacity, ScalarType dtype, Device device)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(rows, 1);
+        ArgumentOutOfRangeException.ThrowIfLessThan(capacity, 1);
+        var batch = new KvBatch(rows, kvHeads, headDim, capacity, dtype, device);
+        return Enumerable.Range(0, rows).Select(r => new KvState(batch, r)).ToArray();
+    }
+
+    /// <summary>
+    /// The batched path of one attention layer: when every row's state for <paramref name="layer"/> is a consecutive
+    /// row of one batch at the pass's (uniform) start, or no row has a state yet (a fresh batch is allocated), appends
+    /// k, v [B, Hkv, T, hd] and returns views of the valid keys and values [B, Hkv, start + T, hd].
+    /// </summary>
+    /// <returns>False (nothing written) when the rows do not qualify; the caller then serves them one by one.</returns>
+    public static bool TryAppend(IReadOnlyList<SequenceCache> caches, int layer, Models.ForwardContext context, Tensor k, Tensor v,
+        [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? keys, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? values)
+    {
+        ArgumentNullException.ThrowIfNull(caches);
+        ArgumentNullException.ThrowIfNull(context);
+        ArgumentNullException.ThrowIfNull(k);
+        ArgumentNullException.ThrowIfNull(v);
+        keys = null;
+        values = null;
+        var rows = caches.Count;
+        if (rows < 2 || !context.UniformStart)
+        {
+            return false;
+        }
+        var start = context.StartPositions[0];
+        var count = context.TokenCount;
+        if (caches.All(c => c[layer] is null))
+        {
+            var capacity = Math.Max(caches.Max(c => c.ExpectedLength), start + count);
+            var states = Allocate(rows, k.shape[1], k.shape[3], capacity, k.dtype, k.device);
+            for (var i = 0; i < rows; i++)
+            {
+                states[i].AssumeFilled(start);
+                caches[i][layer] = states[i];
+            }
+        }
+        if (caches[0][layer] is not KvState { Batch: { } batch } first || start + count > batch.Capacity)
+        {
+            return false;
+        }
+        for (var i = 0; i < rows; i++)
+        {
+            if (caches[i][layer] is not KvState state || !ReferenceEquals(state.Batch, batch) || state.Row != first.Row + i || state.Length != start)
+            {
+                return false;
+            }
+        }
+        using (no_grad())
+        {
+            var rowsK = batch.Keys.narrow(0, first.Row, rows);
+            var rowsV = batch.Values.narrow(0, first.Row, rows);
+            rowsK.narrow(2, start, count).copy_(k);
+            rowsV.narrow(2, start, count).copy_(v);
+            keys = rowsK.narrow(2, 0, start + count);
+            values = rowsV.narrow(2, 0, start + count);
+        }
+        for (var i = 0; i < rows; i++)
+        {
+            ((KvState)caches[i][layer]!).Advance(count);
+        }
+        return true;
+    }
+
+    internal void Release()
+    {
+        if (Interlocked.Decrement(ref _references) == 0)
+        {
+            Keys.Dispose();
+            Values.Dispose();
+        }
     }
 }
 
@@ -123,6 +265,37 @@ public sealed class SequenceCache : IDisposable
                 _layers[layer] = value;
             }
         }
+    }
+
+    /// <summary>
+    /// Caches for <paramref name="rows"/> sequences whose every layer's KV storage is one <see cref="KvBatch"/> per
+    /// layer, so the batch decodes with one append and one attention call per layer.
+    /// </summary>
+    public static SequenceCache[] AllocateBatch(int rows, int layerCount, long kvHeads, long headDim, int capacity, ScalarType dtype, Device device)
+    {
+        var caches = Enumerable.Range(0, rows).Select(_ => new SequenceCache(layerCount, capacity)).ToArray();
+        for (var layer = 0; layer < layerCount; layer++)
+        {
+            var states = KvBatch.Allocate(rows, kvHeads, headDim, capacity, dtype, device);
+            for (var row = 0; row < rows; row++)
+            {
+                caches[row][layer] = states[row];
+            }
+        }
+        return caches;
+    }
+
+    /// <summary>
+    /// Marks <paramref name="length"/> tokens as already processed, with every KV layer counting that many positions as
+    /// valid without writing them (benchmarks of decode at a given context).
+    /// </summary>
+    public void AssumeProcessed(int length)
+    {
+        foreach (var state in _layers.OfType<KvState>())
+        {
+            state.AssumeFilled(length);
+        }
+        Length = length;
     }
 
     /// <summary>Device bytes held by all layers.</summary>

@@ -9,8 +9,12 @@ namespace DslaMesh.Engine.Models;
 /// </summary>
 public sealed class ForwardContext : IDisposable
 {
-    public ForwardContext(IReadOnlyList<SequenceCache>? caches, int[] startPositions, int tokenCount, Tensor cos, Tensor sin, IReadOnlyList<bool>? dslaLayers)
+    private Tensor? _cosTokenMajor;
+    private Tensor? _sinSignedTokenMajor;
+
+    public ForwardContext(IReadOnlyList<SequenceCache>? caches, int[] startPositions, int tokenCount, Tensor cos, Tensor sin, IReadOnlyList<bool>? dslaLayers, Tensor? sinSigned = null)
     {
+        SinSigned = sinSigned;
         Caches = caches;
         StartPositions = startPositions;
         TokenCount = tokenCount;
@@ -34,6 +38,15 @@ public sealed class ForwardContext : IDisposable
     /// <summary>RoPE sin for every (row, token): [B, 1, T, hd].</summary>
     public Tensor Sin { get; }
 
+    /// <summary>RoPE sin with its first half negated, [B, 1, T, hd], when the model built it (see <see cref="RotaryEmbedding.ApplyRolled"/>).</summary>
+    public Tensor? SinSigned { get; }
+
+    /// <summary>cos as [B, T, 1, hd] (a view), for projections laid out token-major [B, T, heads, hd].</summary>
+    public Tensor CosTokenMajor => _cosTokenMajor ??= Cos.transpose(1, 2).DetachFromDisposeScope();
+
+    /// <summary>Signed sin as [B, T, 1, hd] (a view), or null.</summary>
+    public Tensor? SinSignedTokenMajor => SinSigned is null ? null : _sinSignedTokenMajor ??= SinSigned.transpose(1, 2).DetachFromDisposeScope();
+
     /// <summary>Per layer: run its DSLA replacement instead of softmax attention. Null: all softmax.</summary>
     public IReadOnlyList<bool>? DslaLayers { get; }
 
@@ -46,8 +59,11 @@ public sealed class ForwardContext : IDisposable
     /// <inheritdoc/>
     public void Dispose()
     {
+        _cosTokenMajor?.Dispose();
+        _sinSignedTokenMajor?.Dispose();
         Cos.Dispose();
         Sin.Dispose();
+        SinSigned?.Dispose();
     }
 }
 

@@ -8,6 +8,11 @@ namespace DslaMesh.Engine.Models;
 /// Llama softmax self-attention with RoPE and grouped-query attention. GQA never widens the KV heads: the query heads
 /// of a group are folded into the query length so SDPA reads each cached key/value once.
 /// </summary>
+/// <remarks>
+/// By default Q, K and V share one weight (<see cref="FusedLinear"/>): one matrix product, RoPE on Q and K together in
+/// three kernels, and rows of a batch whose caches share a <see cref="KvBatch"/> append and attend in one call each.
+/// Nothing in the forward pass reads device data on the host.
+/// </remarks>
 public sealed class LlamaAttention : nn.Module, ITokenMixer
 {
     [ComponentName(Name = "q_proj")]
@@ -21,18 +26,33 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly int _heads;
     private readonly int _kvHeads;
     private readonly int _headDim;
+    private readonly FusedLinear? _qkv;
+    private readonly long _hidden;
 
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaAttention")
     {
+        ArgumentNullException.ThrowIfNull(config);
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
-        _q = new Projection(config.HiddenSize, _heads * _headDim, config.AttentionBias, dtype, device);
-        _k = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
-        _v = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        _hidden = config.HiddenSize;
+        if (fuseProjections)
+        {
+            _qkv = new FusedLinear(config.HiddenSize, [_heads * _headDim, _kvHeads * _headDim, _kvHeads * _headDim], config.AttentionBias, dtype, device);
+            (_q, _k, _v) = (_qkv.Parts[0], _qkv.Parts[1], _qkv.Parts[2]);
+        }
+        else
+        {
+            _q = new Projection(config.HiddenSize, _heads * _headDim, config.AttentionBias, dtype, device);
+            _k = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+            _v = new Projection(config.HiddenSize, _kvHeads * _headDim, config.AttentionBias, dtype, device);
+        }
         _o = new Projection(_heads * _headDim, config.HiddenSize, config.AttentionBias, dtype, device);
         RegisterComponents();
     }
+
+    /// <summary>Whether Q, K and V run as one product in this pass.</summary>
+    public bool UsesFusedProjections => _qkv is not null && _qkv.IsIntact();
 
     public Projection QueryProjection => _q;
     public Projection KeyProjection => _k;
@@ -47,8 +67,23 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     /// </summary>
     public (Tensor Q, Tensor K, Tensor V) Project(Tensor x, ForwardContext context)
     {
+        ArgumentNullException.ThrowIfNull(x);
+        ArgumentNullException.ThrowIfNull(context);
         using var scope = NewDisposeScope();
-        var (b, t) = (x.shape[0], x.shape[1]);
+        var xShape = x.shape;
+        var (b, t) = (xShape[0], xShape[1]);
+        if (context.SinSigned is not null && UsesFusedProjections)
+        {
+            // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
+            var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
+            var rolled = qkv.roll(_headDim / 2, -1);
+            var qkCount = _heads + _kvHeads;
+            var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), context.CosTokenMajor, context.SinSignedTokenMajor!);
+            var fq = rotated.narrow(2, 0, _heads).transpose(1, 2);
+            var fk = rotated.narrow(2, _heads, _kvHeads).transpose(1, 2);
+            var fv = qkv.narrow(2, qkCount, _kvHeads).transpose(1, 2);
+            return (fq.MoveToOuterDisposeScope(), fk.MoveToOuterDisposeScope(), fv.MoveToOuterDisposeScope());
+        }
         var q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
         var k = _k.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
         var v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
@@ -61,12 +96,41 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     public Tensor Forward(Tensor x, ForwardContext context, int layer)
     {
         using var scope = NewDisposeScope();
-        var (b, t) = (x.shape[0], x.shape[1]);
+        return _o.forward(Mix(x, context, layer)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// residual + Forward(x), written into <paramref name="residual"/> [B, T, D] by the output projection itself (one
+    /// GEMM with β = 1) when gradients are off, the projection has no bias and the residual is contiguous; otherwise a
+    /// new tensor. Returns the result.
+    /// </summary>
+    public Tensor AddTo(Tensor residual, Tensor x, ForwardContext context, int layer)
+    {
+        ArgumentNullException.ThrowIfNull(residual);
+        using var scope = NewDisposeScope();
+        if (_qkv is null || _o.Bias is not null || is_grad_enabled() || !residual.is_contiguous())
+        {
+            return (residual + Forward(x, context, layer)).MoveToOuterDisposeScope();
+        }
+        var merged = Mix(x, context, layer);
+        residual.view(-1, _hidden).addmm_(merged.reshape(-1, _heads * _headDim), _o.WeightTransposed);
+        return residual;
+    }
+
+    /// <summary>Attention before the output projection: x [B, T, D] → [B, T, H·hd].</summary>
+    private Tensor Mix(Tensor x, ForwardContext context, int layer)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
         var (q, k, v) = Project(x, context);
         Tensor output;
         if (context.Caches is null)
         {
             output = Attend(q, k, v, 0);
+        }
+        else if (KvBatch.TryAppend(context.Caches, layer, context, k, v, out var batchKeys, out var batchValues))
+        {
+            output = Attend(q, batchKeys, batchValues, context.StartPositions[0]);
         }
         else
         {
@@ -83,14 +147,13 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
                     state = new KvState(_kvHeads, _headDim, Math.Max(cache.ExpectedLength, context.StartPositions[row] + (int)t), k.dtype, k.device);
                     cache[layer] = state;
                 }
-                var (keys, values) = state.Append(k.narrow(0, row, 1), v.narrow(0, row, 1));
-                rows[row] = Attend(q.narrow(0, row, 1), keys, values, context.StartPositions[row]);
+                var (keys, values) = b == 1 ? state.Append(k, v) : state.Append(k.narrow(0, row, 1), v.narrow(0, row, 1));
+                rows[row] = Attend(b == 1 ? q : q.narrow(0, row, 1), keys, values, context.StartPositions[row]);
             }
             output = b == 1 ? rows[0] : cat(rows, 0);
         }
         // [B, H, T, hd] → [B, T, H·hd]
-        var merged = output.transpose(1, 2).reshape(b, t, _heads * _headDim);
-        return _o.forward(merged).MoveToOuterDisposeScope();
+        return output.transpose(1, 2).reshape(b, t, _heads * _headDim).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -100,7 +163,8 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     public Tensor Attend(Tensor q, Tensor keys, Tensor values, int start)
     {
         using var scope = NewDisposeScope();
-        var (b, t, l) = (q.shape[0], q.shape[2], keys.shape[2]);
+        var qShape = q.shape;
+        var (b, t, l) = (qShape[0], qShape[2], keys.shape[2]);
         var group = _heads / _kvHeads;
         // Fold the query heads of each KV group into the query axis: [B, Hkv, group·T, hd].
         var grouped = group == 1 ? q : q.reshape(b, _kvHeads, group * t, _headDim);
@@ -121,6 +185,16 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
             result = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask: mask);
         }
         return (group == 1 ? result : result.reshape(b, _heads, t, _headDim)).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc/>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _qkv?.Dispose();
+        }
+        base.Dispose(disposing);
     }
 
     /// <summary>

@@ -19,13 +19,15 @@ public sealed class LlamaDecoderLayer : nn.Module
     [ComponentName(Name = "post_attention_layernorm")]
     private readonly RmsNorm _postAttentionNorm;
 
-    public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device) : base("LlamaDecoderLayer")
+    public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaDecoderLayer")
     {
+        ArgumentNullException.ThrowIfNull(config);
+        kernels ??= LlamaKernelOptions.Default;
         Index = index;
-        _attention = new LlamaAttention(config, dtype, device);
-        _mlp = new LlamaMlp(config, dtype, device);
-        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
-        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        _attention = new LlamaAttention(config, dtype, device, kernels.FuseProjections);
+        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections);
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         RegisterComponents();
     }
 
@@ -51,10 +53,24 @@ public sealed class LlamaDecoderLayer : nn.Module
     }
 
     /// <summary>h [B, T, D] → [B, T, D].</summary>
-    public Tensor Forward(Tensor hidden, ForwardContext context)
+    public Tensor Forward(Tensor hidden, ForwardContext context) => Forward(hidden, context, inputIsScratch: false);
+
+    /// <summary>
+    /// h [B, T, D] → [B, T, D]. With <paramref name="inputIsScratch"/> (the caller will not read
+    /// <paramref name="hidden"/> again), the softmax attention adds its output into <paramref name="hidden"/> in place,
+    /// which may then be the tensor returned.
+    /// </summary>
+    internal Tensor Forward(Tensor hidden, ForwardContext context, bool inputIsScratch)
     {
+        ArgumentNullException.ThrowIfNull(hidden);
         using var scope = NewDisposeScope();
-        var attended = hidden + MixerFor(context).Forward(_inputNorm.forward(hidden), context, Index);
-        return (attended + _mlp.forward(_postAttentionNorm.forward(attended))).MoveToOuterDisposeScope();
+        var mixer = MixerFor(context);
+        var normed = _inputNorm.forward(hidden);
+        var attended = inputIsScratch && mixer is LlamaAttention attention
+            ? attention.AddTo(hidden, normed, context, Index)
+            : hidden + mixer.Forward(normed, context, Index);
+        // attended is this layer's own tensor (or the caller's scratch), so the MLP may add its output into it in place.
+        var result = _mlp.AddTo(attended, _postAttentionNorm.forward(attended));
+        return ReferenceEquals(result, hidden) ? result : result.MoveToOuterDisposeScope();
     }
 }

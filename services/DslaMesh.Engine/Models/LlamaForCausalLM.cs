@@ -23,15 +23,17 @@ public sealed class LlamaForCausalLM : nn.Module
     private readonly RotaryEmbedding _rotary;
     private readonly LlamaDecoderLayer[] _layerArray;
 
-    public LlamaForCausalLM(LlamaConfig config, ScalarType dtype, Device device, int? maxPositions = null) : base("LlamaForCausalLM")
+    public LlamaForCausalLM(LlamaConfig config, ScalarType dtype, Device device, int? maxPositions = null, LlamaKernelOptions? kernels = null) : base("LlamaForCausalLM")
     {
+        ArgumentNullException.ThrowIfNull(config);
         Config = config;
         DType = dtype;
         Device = device;
+        Kernels = kernels ?? LlamaKernelOptions.Default;
         _embedTokens = new Parameter(empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device), requires_grad: false);
-        _layerArray = Enumerable.Range(0, config.NumHiddenLayers).Select(i => new LlamaDecoderLayer(config, i, dtype, device)).ToArray();
+        _layerArray = Enumerable.Range(0, config.NumHiddenLayers).Select(i => new LlamaDecoderLayer(config, i, dtype, device, Kernels)).ToArray();
         _layers = new ModuleList<LlamaDecoderLayer>(_layerArray);
-        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device);
+        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, Kernels.FusedRmsNorm);
         _lmHead = config.TieWordEmbeddings ? null : new Projection(config.HiddenSize, config.VocabSize, false, dtype, device);
         _rotary = new RotaryEmbedding(config, maxPositions ?? config.MaxPositionEmbeddings, device);
         RegisterComponents();
@@ -40,6 +42,9 @@ public sealed class LlamaForCausalLM : nn.Module
     public LlamaConfig Config { get; }
     public ScalarType DType { get; }
     public Device Device { get; }
+
+    /// <summary>Weight layout and fused kernels this model was built with.</summary>
+    public LlamaKernelOptions Kernels { get; }
 
     /// <summary>The decoder layers.</summary>
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layerArray;
@@ -74,14 +79,14 @@ public sealed class LlamaForCausalLM : nn.Module
 
     /// <summary>Loads a Hugging Face checkpoint folder (config.json + safetensors).</summary>
     /// <exception cref="ModelLoadException">The folder, config or a tensor is missing or malformed.</exception>
-    public static LlamaForCausalLM Load(string directory, ScalarType dtype, Device device, int? maxPositions = null)
+    public static LlamaForCausalLM Load(string directory, ScalarType dtype, Device device, int? maxPositions = null, LlamaKernelOptions? kernels = null)
     {
         if (!System.IO.Directory.Exists(directory))
         {
             throw new ModelLoadException($"Model folder not found: '{directory}'.");
         }
         var config = LlamaConfig.Load(Path.Combine(directory, "config.json"));
-        var model = new LlamaForCausalLM(config, dtype, device, maxPositions);
+        var model = new LlamaForCausalLM(config, dtype, device, maxPositions, kernels);
         try
         {
             using var reader = CheckpointReader.Open(directory);
@@ -105,7 +110,22 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <summary>Fills every weight from a seeded normal distribution (benchmarks of speed, not quality).</summary>
     public void InitializeRandom(long seed, double std = 0.02)
     {
-        using var generator = new Generator((ulong)seed, Device);
+        // TorchSharp creates CPU generators whatever device it is given, and CUDA kernels reject those: seed the
+        // device's default generator instead.
+        Generator? generator = null;
+        if (Device.type == TorchSharp.DeviceType.CPU)
+        {
+            generator = new Generator((ulong)seed, Device);
+        }
+        else
+        {
+            manual_seed(seed);
+            if (Device.type == TorchSharp.DeviceType.CUDA)
+            {
+                cuda.manual_seed(seed);
+            }
+        }
+        using var owned = generator;
         using (no_grad())
         {
             foreach (var (name, parameter) in named_parameters())
@@ -143,10 +163,11 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         using var scope = NewDisposeScope();
         using var context = CreateContext(ids, caches, dslaLayers);
+        // The residual stream is this method's own tensor: layers may update it in place.
         var hidden = Embed(ids);
         foreach (var layer in _layerArray)
         {
-            hidden = layer.Forward(hidden, context);
+            hidden = layer.Forward(hidden, context, inputIsScratch: true);
         }
         if (caches is not null)
         {
@@ -190,12 +211,23 @@ public sealed class LlamaForCausalLM : nn.Module
         }
         using var scope = NewDisposeScope();
         var positions = (tensor(starts.Select(s => (long)s).ToArray(), device: Device).unsqueeze(1) + arange(t, device: Device).unsqueeze(0));
-        var (cos, sin) = _rotary.At(positions, DType);
-        return new ForwardContext(caches, starts, t, cos.DetachFromDisposeScope(), sin.DetachFromDisposeScope(), dslaLayers);
+        if (!Kernels.FuseProjections)
+        {
+            var (cos, sin) = _rotary.At(positions, DType);
+            return new ForwardContext(caches, starts, t, cos.DetachFromDisposeScope(), sin.DetachFromDisposeScope(), dslaLayers);
+        }
+        var (c, s, signed) = _rotary.AtWithSigned(positions, DType);
+        return new ForwardContext(caches, starts, t, c.DetachFromDisposeScope(), s.DetachFromDisposeScope(), dslaLayers, signed.DetachFromDisposeScope());
     }
 
     /// <summary>Device bytes of all weights.</summary>
     public long WeightBytes => parameters().Sum(p => p.NumberOfElements * p.ElementSize);
+
+    /// <summary>
+    /// Weight bytes one decode step must read: everything but the embedding table, of which it gathers only the rows
+    /// of its tokens (a tied table is read whole, as the output projection).
+    /// </summary>
+    public long DecodeWeightReadBytes => WeightBytes - (_lmHead is null ? 0 : _embedTokens.NumberOfElements * _embedTokens.ElementSize);
 
     /// <inheritdoc/>
     protected override void Dispose(bool disposing)

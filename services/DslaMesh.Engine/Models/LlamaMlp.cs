@@ -4,6 +4,10 @@ using static TorchSharp.torch;
 namespace DslaMesh.Engine.Models;
 
 /// <summary>Llama's gated feed-forward block: down(silu(gate(x)) · up(x)).</summary>
+/// <remarks>
+/// By default gate and up share one weight (<see cref="FusedLinear"/>) and run as one matrix product; with gradients
+/// off, <see cref="AddTo"/> also folds the residual add into the down projection (one GEMM with β = 1).
+/// </remarks>
 public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
 {
     [ComponentName(Name = "gate_proj")]
@@ -12,11 +16,25 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     private readonly Projection _up;
     [ComponentName(Name = "down_proj")]
     private readonly Projection _down;
+    private readonly FusedLinear? _gateUp;
+    private readonly long _intermediate;
+    private readonly long _hidden;
 
-    public LlamaMlp(LlamaConfig config, ScalarType dtype, Device device) : base("LlamaMLP")
+    public LlamaMlp(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaMLP")
     {
-        _gate = new Projection(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device);
-        _up = new Projection(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device);
+        ArgumentNullException.ThrowIfNull(config);
+        _intermediate = config.IntermediateSize;
+        _hidden = config.HiddenSize;
+        if (fuseProjections)
+        {
+            _gateUp = new FusedLinear(config.HiddenSize, [config.IntermediateSize, config.IntermediateSize], config.MlpBias, dtype, device);
+            (_gate, _up) = (_gateUp.Parts[0], _gateUp.Parts[1]);
+        }
+        else
+        {
+            _gate = new Projection(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device);
+            _up = new Projection(config.HiddenSize, config.IntermediateSize, config.MlpBias, dtype, device);
+        }
         _down = new Projection(config.IntermediateSize, config.HiddenSize, config.MlpBias, dtype, device);
         RegisterComponents();
     }
@@ -25,6 +43,45 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        return _down.forward(nn.functional.silu(_gate.forward(x)) * _up.forward(x)).MoveToOuterDisposeScope();
+        return _down.forward(Activation(x)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// residual + forward(x), written into <paramref name="residual"/> [B, T, D] (contiguous, owned by the caller) when
+    /// gradients are off and the down projection has no bias; otherwise a new tensor. Returns the result.
+    /// </summary>
+    public Tensor AddTo(Tensor residual, Tensor x)
+    {
+        ArgumentNullException.ThrowIfNull(residual);
+        using var scope = NewDisposeScope();
+        if (_gateUp is null || _down.Bias is not null || is_grad_enabled() || !residual.is_contiguous())
+        {
+            return (residual + forward(x)).MoveToOuterDisposeScope();
+        }
+        var act = Activation(x);
+        residual.view(-1, _hidden).addmm_(act.view(-1, _intermediate), _down.WeightTransposed);
+        return residual;
+    }
+
+    private Tensor Activation(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        if (_gateUp is not null && _gateUp.IsIntact())
+        {
+            var gateUp = _gateUp.Forward(x);
+            var act = nn.functional.silu(gateUp.narrow(-1, 0, _intermediate));
+            return act.mul_(gateUp.narrow(-1, _intermediate, _intermediate)).MoveToOuterDisposeScope();
+        }
+        return (nn.functional.silu(_gate.forward(x)) * _up.forward(x)).MoveToOuterDisposeScope();
+    }
+
+    /// <inheritdoc/>
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing)
+        {
+            _gateUp?.Dispose();
+        }
+        base.Dispose(disposing);
     }
 }

@@ -8,8 +8,10 @@ namespace DslaMesh.Engine.Models;
 /// </summary>
 public sealed class RotaryEmbedding : IDisposable
 {
+    private static readonly TorchSharp.Scalar One = 1.0;
     private readonly Tensor _cos;   // [P, hd] fp32
     private readonly Tensor _sin;   // [P, hd] fp32
+    private readonly Tensor _sinSigned;   // [P, hd] fp32: sin with its first half negated (see ApplyRolled)
 
     public RotaryEmbedding(LlamaConfig config, int maxPositions, Device device)
     {
@@ -20,6 +22,9 @@ public sealed class RotaryEmbedding : IDisposable
         var emb = cat([freqs, freqs], -1);
         _cos = emb.cos().to(device).DetachFromDisposeScope();
         _sin = emb.sin().to(device).DetachFromDisposeScope();
+        var half = config.HeadDim / 2;
+        var sign = cat([full(half, -1.0f), ones(config.HeadDim - half)]);
+        _sinSigned = (emb.sin() * sign).to(device).DetachFromDisposeScope();
         MaxPositions = maxPositions;
     }
 
@@ -63,6 +68,30 @@ public sealed class RotaryEmbedding : IDisposable
         return (cosAt.MoveToOuterDisposeScope(), sinAt.MoveToOuterDisposeScope());
     }
 
+    /// <summary>
+    /// cos, sin and signed sin (first half negated) for positions [B, T] (int64), as [B, 1, T, hd] in <paramref name="dtype"/>.
+    /// </summary>
+    public (Tensor Cos, Tensor Sin, Tensor SinSigned) AtWithSigned(Tensor positions, ScalarType dtype)
+    {
+        using var scope = NewDisposeScope();
+        var (cos, sin) = At(positions, dtype);
+        var shape = new long[] { positions.shape[0], 1, positions.shape[1], _cos.shape[1] };
+        var signed = _sinSigned.index_select(0, positions.flatten()).view(shape).to(dtype);
+        return (cos.MoveToOuterDisposeScope(), sin.MoveToOuterDisposeScope(), signed.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// RoPE in three kernels: x·cos + roll(x, hd/2)·sinSigned equals x·cos + rotate_half(x)·sin, because roll swaps the
+    /// halves and sinSigned carries rotate_half's minus sign. <paramref name="rolled"/> is x rolled by hd/2 along the
+    /// last dimension (callers roll a larger contiguous tensor once and pass a view of it). Any layout whose last
+    /// dimension is hd, with cos/sinSigned broadcastable to it.
+    /// </summary>
+    public static Tensor ApplyRolled(Tensor x, Tensor rolled, Tensor cos, Tensor sinSigned)
+    {
+        using var scope = NewDisposeScope();
+        return addcmul(x * cos, rolled, sinSigned, One).MoveToOuterDisposeScope();
+    }
+
     /// <summary>Rotates x [B, H, T, hd] by the given cos/sin [B, 1, T, hd].</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
@@ -88,5 +117,6 @@ public sealed class RotaryEmbedding : IDisposable
     {
         _cos.Dispose();
         _sin.Dispose();
+        _sinSigned.Dispose();
     }
 }

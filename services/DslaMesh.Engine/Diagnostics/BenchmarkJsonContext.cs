@@ -1,0 +1,9 @@
+using System.Text.Json.Serialization;
+
+namespace DslaMesh.Engine.Diagnostics;
+
+/// <summary>Source-generated JSON for benchmark reports (snake_case, the schema the Python baseline writes).</summary>
+[JsonSourceGenerationOptions(PropertyNamingPolicy = JsonKnownNamingPolicy.SnakeCaseLower, WriteIndented = true,
+    DefaultIgnoreCondition = JsonIgnoreCondition.Never)]
+[JsonSerializable(typeof(BenchmarkReport))]
+public sealed partial class BenchmarkJsonContext : JsonSerializerContext;

@@ -1,0 +1,20 @@
+namespace DslaMesh.Engine.Models;
+
+/// <summary>
+/// How a <see cref="LlamaForCausalLM"/> lays out its weights and which fused kernels it uses. The defaults are the fast
+/// path; turning them off gives the plain one-op-per-step form (for before/after measurements and debugging).
+/// </summary>
+public sealed record LlamaKernelOptions
+{
+    /// <summary>The fast path.</summary>
+    public static LlamaKernelOptions Default { get; } = new();
+
+    /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm.</summary>
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false };
+
+    /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
+    public bool FuseProjections { get; init; } = true;
+
+    /// <summary>Use LibTorch's fused RMS norm kernel when gradients are off.</summary>
+    public bool FusedRmsNorm { get; init; } = true;
+}
