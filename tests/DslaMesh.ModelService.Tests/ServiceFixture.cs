@@ -27,7 +27,7 @@ public sealed class ServiceFixture : IAsyncLifetime
             using var scope = NewDisposeScope();
             using var mode = inference_mode();
             using var cache = new SequenceCache(loaded.Model.Config.NumHiddenLayers);
-            using var stream = new TokenStream(sampling, prompt, loaded.Model.Config.EosTokenIds, null, loaded.Model.Device);
+            using var stream = new TokenStream(sampling, prompt, loaded.Model.Config.EosTokenIds, null);
             var mix = new bool[loaded.Model.Config.NumHiddenLayers];
             if (layer is { } l && foldAt == 0)
             {

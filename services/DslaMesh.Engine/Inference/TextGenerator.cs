@@ -74,7 +74,7 @@ public sealed class TextGenerator
     private IEnumerable<GeneratedToken> Run(IReadOnlyList<int> promptIds, SamplingParameters parameters, IReadOnlyList<bool>? dslaLayers, CancellationToken cancellationToken)
     {
         using var cache = new SequenceCache(_model.Config.NumHiddenLayers, promptIds.Count + parameters.MaxTokens);
-        using var stream = new TokenStream(parameters, promptIds, _model.Config.EosTokenIds, _tokenizer, _model.Device);
+        using var stream = new TokenStream(parameters, promptIds, _model.Config.EosTokenIds, _tokenizer);
         var next = Step(cache, promptIds, stream, dslaLayers, prefill: true);
         while (true)
         {

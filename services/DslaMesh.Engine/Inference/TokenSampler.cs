@@ -11,14 +11,16 @@ public sealed class TokenSampler : IDisposable
     private readonly SamplingParameters _parameters;
     private readonly Generator? _generator;
 
-    public TokenSampler(SamplingParameters parameters, Device device)
+    public TokenSampler(SamplingParameters parameters)
     {
         parameters.EnsureValid();
         _parameters = parameters;
         if (!parameters.IsGreedy)
         {
             var seed = parameters.Seed ?? Random.Shared.NextInt64();
-            _generator = new Generator(unchecked((ulong)seed), device);
+            // The draw happens on the CPU: a per-request CUDA generator is not available through TorchSharp, and a
+            // CPU stream makes a seed reproduce the same tokens on every device.
+            _generator = new Generator(unchecked((ulong)seed), CPU);
         }
     }
 
@@ -51,7 +53,7 @@ public sealed class TokenSampler : IDisposable
                 var dropInOrder = zeros_like(drop).scatter(0, order, drop);
                 adjusted = adjusted.masked_fill(dropInOrder, double.NegativeInfinity);
             }
-            token = multinomial(adjusted.softmax(0), 1, generator: _generator).item<long>();
+            token = multinomial(adjusted.softmax(0).cpu(), 1, generator: _generator).item<long>();
         }
         var logProb = _parameters.LogProbs ? raw.log_softmax(0)[token].item<float>() : float.NaN;
         return ((int)token, logProb);

@@ -18,10 +18,10 @@ public sealed class TokenStream : IDisposable
     private readonly StopSequenceMatcher _stops;
     private readonly List<int> _generated = [];
 
-    public TokenStream(SamplingParameters parameters, IReadOnlyList<int> promptIds, IEnumerable<int> eosIds, TextTokenizer? tokenizer, Device device)
+    public TokenStream(SamplingParameters parameters, IReadOnlyList<int> promptIds, IEnumerable<int> eosIds, TextTokenizer? tokenizer)
     {
         _parameters = parameters;
-        _sampler = new TokenSampler(parameters, device);
+        _sampler = new TokenSampler(parameters);
         _history = new List<int>(promptIds);
         _stopIds = parameters.IgnoreEos ? [.. parameters.StopTokenIds] : [.. parameters.StopTokenIds.Concat(eosIds)];
         _decoder = tokenizer?.CreateDecoder();

@@ -16,7 +16,7 @@ internal sealed class ActiveSequence : IDisposable
         Request = request;
         Mix = mix;
         Cache = new SequenceCache(model.Config.NumHiddenLayers, request.PromptIds.Count + request.Sampling.MaxTokens);
-        Stream = new TokenStream(request.Sampling, request.PromptIds, model.Config.EosTokenIds, tokenizer, model.Device);
+        Stream = new TokenStream(request.Sampling, request.PromptIds, model.Config.EosTokenIds, tokenizer);
     }
 
     public GenerationRequest Request { get; }
