@@ -16,6 +16,7 @@ public static class BenchCommands
     {
         var bench = new Command("bench", "Performance benchmarks.");
         bench.Subcommands.Add(CreateEngine());
+        bench.Subcommands.Add(ServeBenchCommand.Create());
         return bench;
     }
 
