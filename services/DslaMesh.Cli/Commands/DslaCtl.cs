@@ -13,6 +13,9 @@ public static class DslaCtl
         root.Subcommands.Add(GenerateCommand.Create());
         root.Subcommands.Add(DataCommands.Create());
         root.Subcommands.Add(TrainCommand.Create());
+        root.Subcommands.Add(SensitivityCommand.Create());
+        root.Subcommands.Add(DistillCommand.Create());
+        root.Subcommands.Add(EvalCommand.Create());
         return root;
     }
 }

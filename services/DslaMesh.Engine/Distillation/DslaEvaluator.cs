@@ -25,7 +25,10 @@ public sealed record EvaluationSettings
     /// <summary>Most held-out tokens predicted for perplexity (0: the whole held-out stream).</summary>
     [JsonPropertyName("ppl_tokens")] public int PerplexityTokens { get; init; }
 
-    /// <summary>Prompt lengths of the recall probes, in tokens.</summary>
+    /// <summary>
+    /// Sequence lengths of the recall probes, in tokens: the prompt plus the <see cref="MaxNewTokens"/> generated ones, so a
+    /// probe of length L never reads a position at or beyond L (a 2048 probe fits a 2048-token context).
+    /// </summary>
     [JsonPropertyName("lengths")] public IReadOnlyList<int> Lengths { get; init; } = [512, 1024, 2048];
 
     /// <summary>Prompts per task and length.</summary>
@@ -73,8 +76,8 @@ public sealed record EvaluationSettings
             Require(Lengths.Count > 0, "--lengths must list at least one prompt length.");
             foreach (var length in Lengths)
             {
-                Require(length >= 16 && length + MaxNewTokens <= contextLength,
-                    $"--lengths: {length} tokens plus {MaxNewTokens} generated must fit the model's context ({contextLength}), and be at least 16.");
+                Require(length >= MaxNewTokens + 16 && length <= contextLength,
+                    $"--lengths: {length} must be at most the model's context ({contextLength}) and leave at least 16 prompt tokens beside the {MaxNewTokens} generated ones.");
             }
         }
     }
@@ -235,7 +238,7 @@ public sealed class DslaEvaluator
             foreach (var length in _settings.Lengths)
             {
                 prompts[(task, length)] = Enumerable.Range(0, _settings.Trials)
-                    .Select(i => RecallTasks.Build(task, tokenizer, filler, length, i, _settings.Seed, _settings.KvPairs))
+                    .Select(i => RecallTasks.Build(task, tokenizer, filler, length - _settings.MaxNewTokens, i, _settings.Seed, _settings.KvPairs))
                     .ToArray();
             }
         }

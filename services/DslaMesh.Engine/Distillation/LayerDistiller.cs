@@ -31,7 +31,7 @@ public sealed class LayerDistiller
 {
     /// <summary>What the per-layer losses measure, for the manifest.</summary>
     public const string LossDescription =
-        "held-out NMSE = sum((y - t)^2) / sum(t^2) of the attention block's output (o_proj, before the residual) against the teacher softmax attention on the same input, in the chained hybrid";
+        "held-out NMSE = sum((y - t)^2) / sum(t^2) of the attention block output (after o_proj, before the residual add) against the teacher softmax attention on the same input, in the chained hybrid";
 
     private readonly LlamaForCausalLM _model;
     private readonly DistillationRecipe _recipe;
