@@ -17,6 +17,9 @@ public static class DslaCtl
         root.Subcommands.Add(StatusCommand.Create());
         root.Subcommands.Add(ConvertCommand.Create());
         root.Subcommands.Add(BenchCommands.Create());
+        root.Subcommands.Add(SensitivityCommand.Create());
+        root.Subcommands.Add(DistillCommand.Create());
+        root.Subcommands.Add(EvalCommand.Create());
         return root;
     }
 }

@@ -79,7 +79,7 @@ public sealed class DslaAttention : GatedLinearMixer
         var layer = new DslaAttention(config, weight.dtype, weight.device);
         try
         {
-            using var generator = new Generator((ulong)seed, weight.device);
+            using var generator = Init.CpuGenerator(seed);
             using (no_grad())
             {
                 Init.CopyProjection(layer._q, teacher.QueryProjection);
@@ -88,7 +88,7 @@ public sealed class DslaAttention : GatedLinearMixer
                 Init.CopyProjection(layer._o, teacher.OutputProjection);
                 Init.Identity(layer._historyGate);
                 Init.LinearDefault(layer._recencyGate, generator);
-                layer._alpha.uniform_(0, 1, generator);
+                Init.Uniform(layer._alpha, 0, 1, generator);
             }
         }
         catch

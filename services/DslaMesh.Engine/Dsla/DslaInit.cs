@@ -4,7 +4,12 @@ using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Dsla;
 
-/// <summary>Seeded initialisers shared by the DSLA layers (call under no_grad).</summary>
+/// <summary>
+/// Seeded initialisers shared by the DSLA layers (call under no_grad). Random values are drawn in fp32 on the CPU from a
+/// CPU generator and then copied to the layer's device and dtype: TorchSharp's <see cref="Generator"/> is a CPU generator
+/// whatever device it is given, which CUDA kernels reject, and drawing on the CPU gives a CUDA run the same initial bits
+/// as a CPU run.
+/// </summary>
 internal static class Init
 {
     /// <summary>Copies a teacher projection's weight (and bias) into a student one of the same shape.</summary>
@@ -36,7 +41,18 @@ internal static class Init
     public static void LinearDefault(Projection projection, Generator generator)
     {
         var bound = 1.0 / Math.Sqrt(projection.InFeatures);
-        projection.Weight.uniform_(-bound, bound, generator);
+        Uniform(projection.Weight, -bound, bound, generator);
         projection.Bias?.zero_();
+    }
+
+    /// <summary>A CPU generator for the seeded initialisers.</summary>
+    public static Generator CpuGenerator(long seed) => new((ulong)seed, torch.CPU);
+
+    /// <summary>Fills <paramref name="target"/> (any device and dtype) with U(low, high) drawn in fp32 on the CPU.</summary>
+    public static void Uniform(Tensor target, double low, double high, Generator generator)
+    {
+        using var scope = torch.NewDisposeScope();
+        var values = torch.empty(target.shape, ScalarType.Float32, torch.CPU).uniform_(low, high, generator);
+        target.copy_(values.to(target.dtype, target.device));
     }
 }

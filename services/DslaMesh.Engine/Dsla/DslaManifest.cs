@@ -53,12 +53,17 @@ public sealed class DslaManifest
         }
     }
 
-    /// <summary>Writes the manifest into a model folder (creating <c>dsla/</c>).</summary>
+    /// <summary>
+    /// Writes the manifest into a model folder (creating <c>dsla/</c>), through a temporary file and a rename so a
+    /// reader never sees half a manifest.
+    /// </summary>
     public void Save(string modelDirectory)
     {
         var path = PathFor(modelDirectory);
         Directory.CreateDirectory(Path.GetDirectoryName(path)!);
-        File.WriteAllText(path, JsonSerializer.Serialize(this, DslaManifestJsonContext.Default.DslaManifest));
+        var temp = path + ".tmp";
+        File.WriteAllText(temp, JsonSerializer.Serialize(this, DslaManifestJsonContext.Default.DslaManifest) + "\n");
+        File.Move(temp, path, overwrite: true);
     }
 
     /// <summary>The absolute weights path of a variant, or null when the manifest has none for it.</summary>
@@ -80,6 +85,34 @@ public sealed class DslaVariantEntry
 
     /// <summary>Training tokens seen in total.</summary>
     [JsonPropertyName("tokens_seen")] public long TokensSeen { get; set; }
+
+    /// <summary>
+    /// The conversion order the layers were distilled in (chained: layer n was trained with the first n − 1 converted),
+    /// so serving at depth n must convert exactly its first n layers. Null when unknown.
+    /// </summary>
+    [JsonPropertyName("order")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public List<int>? Order { get; set; }
+
+    /// <summary>Optimiser steps of the distillation run (when known).</summary>
+    [JsonPropertyName("steps")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public int? Steps { get; set; }
+
+    /// <summary>Wall time of the distillation run in seconds (when known).</summary>
+    [JsonPropertyName("wall_seconds")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public double? WallSeconds { get; set; }
+
+    /// <summary>Device the variant was distilled on (when known).</summary>
+    [JsonPropertyName("device")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public string? Device { get; set; }
+
+    /// <summary>How <c>dslactl distill</c> made the weights: recipe, per-layer records, KL stage, host.</summary>
+    [JsonPropertyName("distillation")]
+    [JsonIgnore(Condition = JsonIgnoreCondition.WhenWritingNull)]
+    public Distillation.DistillationSummary? Distillation { get; set; }
 
     /// <summary>Anything else the writer recorded.</summary>
     [JsonExtensionData] public Dictionary<string, JsonElement>? Extra { get; set; }

@@ -89,14 +89,14 @@ public sealed class FoldableDslaAttention : GatedLinearMixer
         var layer = new FoldableDslaAttention(config, teacher, rotary);
         try
         {
-            using var generator = new Generator((ulong)seed, teacher.QueryProjection.Weight.device);
+            using var generator = Init.CpuGenerator(seed);
             using (no_grad())
             {
                 Init.CopyProjection(layer._q, teacher.QueryProjection);
                 Init.CopyProjection(layer._o, teacher.OutputProjection);
                 layer._historyGate.InitializeIdentity();
                 layer._recencyGate.InitializeUniform(generator);
-                layer._alpha.uniform_(0, 1, generator);
+                Init.Uniform(layer._alpha, 0, 1, generator);
             }
         }
         catch

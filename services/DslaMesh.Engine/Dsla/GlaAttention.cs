@@ -51,7 +51,7 @@ public sealed class GlaAttention : GatedLinearMixer
         var layer = new GlaAttention(config, weight.dtype, weight.device);
         try
         {
-            using var generator = new Generator((ulong)seed, weight.device);
+            using var generator = Init.CpuGenerator(seed);
             using (no_grad())
             {
                 Init.CopyProjection(layer._q, teacher.QueryProjection);

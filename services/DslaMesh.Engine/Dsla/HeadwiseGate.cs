@@ -48,7 +48,7 @@ public sealed class HeadwiseGate : nn.Module<Tensor, Tensor>
     public void InitializeUniform(Generator generator)
     {
         var bound = 1.0 / Math.Sqrt(_weight.shape[1]);
-        _weight.uniform_(-bound, bound, generator);
+        Init.Uniform(_weight, -bound, bound, generator);
         _bias.zero_();
     }
 }

@@ -93,8 +93,8 @@ public sealed class LanguageModelTrainer
         int[] heldOutStream;
         using (var tokenizer = TextTokenizer.Load(tokenizerPath))
         {
-            trainStream = Encode(tokenizer, corpus.Train, info.EosId);
-            heldOutStream = Encode(tokenizer, corpus.HeldOut, info.EosId);
+            trainStream = TrainingSteps.Encode(tokenizer, corpus.Train, info.EosId);
+            heldOutStream = TrainingSteps.Encode(tokenizer, corpus.HeldOut, info.EosId);
         }
         if (resume is not null && resume.TrainTokens != trainStream.Length)
         {
@@ -194,7 +194,7 @@ public sealed class LanguageModelTrainer
                     var logits = model.Forward(inputs);
                     var loss = nn.functional.cross_entropy(logits.view(-1, config.VocabSize), targets.reshape(-1));
                     loss.backward();
-                    var norm = ClipGradients(parameters, _recipe.GradClip);
+                    var norm = TrainingSteps.ClipGradients(parameters, _recipe.GradClip);
                     optimizer.step();
                     optimizer.zero_grad();
                     using (no_grad())
@@ -270,18 +270,8 @@ public sealed class LanguageModelTrainer
     }
 
     /// <summary>Learning rate for the step about to run (0-based): linear warmup, then cosine to min_lr_ratio · peak.</summary>
-    public double LearningRate(int step, int totalSteps)
-    {
-        var peak = _recipe.PeakLearningRate;
-        var warmup = Math.Min(_recipe.WarmupSteps, Math.Max(0, totalSteps - 1));
-        if (step < warmup)
-        {
-            return peak * (step + 1) / warmup;
-        }
-        var progress = totalSteps - warmup <= 1 ? 1.0 : (double)(step - warmup) / (totalSteps - warmup - 1);
-        var floor = peak * _recipe.MinLearningRateRatio;
-        return floor + ((peak - floor) * 0.5 * (1 + Math.Cos(Math.PI * Math.Clamp(progress, 0, 1))));
-    }
+    public double LearningRate(int step, int totalSteps) =>
+        TrainingSteps.CosineLearningRate(step, totalSteps, _recipe.PeakLearningRate, _recipe.WarmupSteps, _recipe.MinLearningRateRatio);
 
     private CheckpointState? PrepareResume(string outDir)
     {
@@ -334,59 +324,8 @@ public sealed class LanguageModelTrainer
         return path;
     }
 
-    private static int[] Encode(TextTokenizer tokenizer, IReadOnlyList<string> documents, int eos)
-    {
-        var stream = new List<int>();
-        foreach (var document in documents)
-        {
-            stream.AddRange(tokenizer.Encode(document));
-            stream.Add(eos);
-        }
-        return stream.ToArray();
-    }
-
-    /// <summary>Clips the global L2 norm of the gradients to <paramref name="maxNorm"/> on the device (no sync); returns the norm.</summary>
-    private static Tensor ClipGradients(IReadOnlyList<Parameter> parameters, double maxNorm)
-    {
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var gradients = parameters.Select(p => p.grad).OfType<Tensor>().ToArray();
-        var total = stack(gradients.Select(g => g.pow(2).sum()).ToArray()).sum().sqrt();
-        var coefficient = total.add(1e-6).reciprocal().mul(maxNorm).clamp_max(1.0);
-        foreach (var gradient in gradients)
-        {
-            gradient.mul_(coefficient);
-        }
-        return total.MoveToOuterDisposeScope();
-    }
-
-    private (double Loss, long Tokens) Evaluate(LlamaForCausalLM model, int[] stream, int maxTokens)
-    {
-        var windows = TokenWindows.EvaluationWindows(stream.Length, _recipe.SeqLen, maxTokens);
-        using var scope = NewDisposeScope();
-        using var noGrad = no_grad();
-        var sum = zeros(1, dtype: ScalarType.Float64, device: _device);
-        long count = 0;
-        foreach (var group in windows.GroupBy(w => w.Length).SelectMany(g => g.Chunk(_recipe.Batch)))
-        {
-            using var inner = NewDisposeScope();
-            var length = group[0].Length;
-            var ids = new long[group.Length * length];
-            for (var row = 0; row < group.Length; row++)
-            {
-                for (var t = 0; t < length; t++)
-                {
-                    ids[(row * length) + t] = stream[group[row].Start + t];
-                }
-            }
-            var batch = tensor(ids, group.Length, length).to(_device);
-            var logits = model.Forward(batch.narrow(1, 0, length - 1));
-            var loss = nn.functional.cross_entropy(logits.view(-1, logits.shape[^1]), batch.narrow(1, 1, length - 1).reshape(-1), reduction: nn.Reduction.Sum);
-            sum.add_(loss.to(ScalarType.Float64).view(1));
-            count += group.Length * (length - 1L);
-        }
-        return (sum.item<double>() / Math.Max(1, count), count);
-    }
+    private (double Loss, long Tokens) Evaluate(LlamaForCausalLM model, int[] stream, int maxTokens) =>
+        TrainingSteps.HeldOutLoss(model, stream, _recipe.SeqLen, maxTokens, _recipe.Batch);
 
     private void SaveCheckpoint(string directory, LlamaForCausalLM model, AdamW optimizer, Dictionary<string, Tensor>? best, CheckpointState state, double elapsedSeconds)
     {
@@ -487,7 +426,7 @@ public sealed class LanguageModelTrainer
                 Evaluations = ReadEvaluations(logPath),
                 WallSeconds = wallSeconds,
                 Device = _device.ToString(),
-                DeviceName = _device.type == DeviceType.CPU ? CpuName() : null,
+                DeviceName = _device.type == DeviceType.CPU ? TrainingSteps.CpuName() : null,
                 CpuThreads = get_num_threads(),
                 TorchSharp = typeof(torch).Assembly.GetName().Version?.ToString() ?? "",
                 Determinism = determinism,
@@ -566,18 +505,6 @@ public sealed class LanguageModelTrainer
             .Where(entry => entry?.HeldOutLoss is not null)
             .Select(entry => new ManifestEvaluation { Step = entry!.Step, HeldOutLoss = entry.HeldOutLoss!.Value })
             .ToList();
-
-    private static string? CpuName()
-    {
-        try
-        {
-            return File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim();
-        }
-        catch (IOException)
-        {
-            return null;
-        }
-    }
 
     private sealed class NullObserver : ITrainingObserver
     {
