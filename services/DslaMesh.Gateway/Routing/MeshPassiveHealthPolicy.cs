@@ -20,15 +20,19 @@ public sealed partial class MeshPassiveHealthPolicy : IPassiveHealthCheckPolicy
     public const string PolicyName = "DslaMeshTransportFailure";
 
     private readonly IDestinationHealthUpdater _updater;
-    private readonly IProxyStateLookup _state;
+    private readonly IServiceProvider _services;
     private readonly GatewayHealthOptions _options;
     private readonly ILogger<MeshPassiveHealthPolicy> _logger;
 
-    public MeshPassiveHealthPolicy(IDestinationHealthUpdater updater, IProxyStateLookup state, IOptions<GatewayOptions> options, ILogger<MeshPassiveHealthPolicy> logger)
+    /// <remarks>
+    /// The proxy state is looked up on use: YARP builds its configuration manager with the passive policies, so asking
+    /// for it here would be a construction cycle.
+    /// </remarks>
+    public MeshPassiveHealthPolicy(IDestinationHealthUpdater updater, IServiceProvider services, IOptions<GatewayOptions> options, ILogger<MeshPassiveHealthPolicy> logger)
     {
         ArgumentNullException.ThrowIfNull(options);
         _updater = updater;
-        _state = state;
+        _services = services;
         _options = options.Value.Health;
         _logger = logger;
     }
@@ -50,7 +54,7 @@ public sealed partial class MeshPassiveHealthPolicy : IPassiveHealthCheckPolicy
         var period = cluster.Model.Config.HealthCheck?.Passive?.ReactivationPeriod ?? _options.ReactivationPeriod;
         Log.MarkedUnhealthy(_logger, destination.DestinationId, context.Features.Get<IForwarderErrorFeature>()!.Error, period.TotalSeconds);
         _updater.SetPassive(cluster, destination, DestinationHealth.Unhealthy, period);
-        foreach (var other in _state.GetClusters())
+        foreach (var other in _services.GetRequiredService<IProxyStateLookup>().GetClusters())
         {
             if (other != cluster && other.Destinations.TryGetValue(destination.DestinationId, out var twin) && twin.Health.Passive != DestinationHealth.Unhealthy)
             {
