@@ -120,4 +120,60 @@ public sealed class FailoverTests
         var grpc = await Clients.GrpcAsync(gateway.Generation, Clients.Request(2), GatewayHost.WithKey(ct));
         Assert.Equal(StatusCode.Unavailable, grpc.Error?.StatusCode);
     }
+
+    [Fact]
+    public async Task Draining_replica_finishes_its_stream_while_new_requests_go_to_the_other()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var redis = await RedisServer.StartAsync(cancellationToken: ct);
+        var starting = new[] { "staying", "leaving" }.Select(id => ModelServiceProcess.StartAsync(id, redis.Configuration, "drain", cancellationToken: ct)).ToArray();
+        await using var staying = await starting[0];
+        await using var leaving = await starting[1];
+        // Probes too slow to matter: what keeps clients whole here is retrying the 503/UNAVAILABLE of a draining replica.
+        await using var gateway = await GatewayHost.StartAsync(redis.Configuration, "drain", new Dictionary<string, string?> { ["Gateway:Health:ActiveInterval"] = "00:01:00" });
+        await gateway.WaitForReplicasAsync([staying.Id, leaving.Id], ct);
+
+        Task<SseResult>? onLeaving = null;
+        for (var i = 0; i < 8 && onLeaving is null; i++)
+        {
+            var first = new TaskCompletionSource<string?>(TaskCreationOptions.RunContinuationsAsynchronously);
+            var stream = Clients.SseAsync(gateway.Http, new { prompt = new[] { 5, 6, 7 }, max_tokens = 250, temperature = 0, ignore_eos = true, stream = true }, ct, first);
+            onLeaving = await first.Task.WaitAsync(TimeSpan.FromSeconds(30), ct) == leaving.Id ? stream : null;
+        }
+        Assert.NotNull(onLeaving);
+
+        var stopping = leaving.StopAsync();
+        // Once it drains (503 on /health and on new requests), nothing new may land there.
+        using (var probe = new HttpClient { BaseAddress = leaving.Address, Timeout = TimeSpan.FromSeconds(2) })
+        {
+            while (true)
+            {
+                try
+                {
+                    if ((await probe.GetAsync("/health", ct)).StatusCode == HttpStatusCode.ServiceUnavailable)
+                    {
+                        break;
+                    }
+                }
+                catch (HttpRequestException)
+                {
+                    break;   // already gone
+                }
+                await Task.Delay(5, ct);
+            }
+        }
+        for (var i = 0; i < 6; i++)
+        {
+            var response = await gateway.Http.PostAsJsonAsync("/v1/completions", new { prompt = new[] { 5, 6 }, max_tokens = 2 }, ct);
+            Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+            Assert.Equal(staying.Id, response.Headers.GetValues("x-dslamesh-replica").Single());
+            var call = await Clients.GrpcAsync(gateway.Generation, Clients.Request(2), GatewayHost.WithKey(ct));
+            Assert.Null(call.Error);
+            Assert.Equal(staying.Id, call.Replica);
+        }
+        var drained = await onLeaving.WaitAsync(TimeSpan.FromSeconds(60), ct);
+        Assert.Equal("length", drained.FinishReason);
+        Assert.Null(drained.Error);
+        await stopping;
+    }
 }
