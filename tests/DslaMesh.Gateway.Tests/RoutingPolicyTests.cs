@@ -19,6 +19,7 @@ public sealed class RoutingPolicyTests
     private readonly FleetView _fleet;
     private readonly MeshLoadBalancingPolicy _policy;
     private readonly DestinationState[] _destinations = [new("softmax"), new("half-dsla")];
+    private long _published;
 
     public RoutingPolicyTests()
     {
@@ -121,7 +122,7 @@ public sealed class RoutingPolicyTests
     }
 
     private void Publish(string id, int running, int[] dsla, long kvUsed, bool draining = false) =>
-        _fleet.UpdateMetrics(new ServiceMetricsRecord(id, _time.GetUtcNow().AddTicks(Random.Shared.Next(1, 1000)), 0, running, new Dictionary<string, int>(), 0, kvUsed, 100,
+        _fleet.UpdateMetrics(new ServiceMetricsRecord(id, _time.GetUtcNow().AddTicks(++_published), 0, running, new Dictionary<string, int>(), 0, kvUsed, 100,
             0, 0, 0, 0, dsla, 4, 1, draining));
 
     private static ServiceRegistration Registration(string id, string model) =>
