@@ -194,6 +194,55 @@ public sealed class GatewayProxyTests : IClassFixture<MeshFixture>
         TestContext.Current.SendDiagnosticMessage($"appear→routed {appearMs:F0} ms, leave→unrouted {left.Elapsed.TotalMilliseconds:F0} ms (registered after {registered.TotalMilliseconds:F0} ms)");
     }
 
+    [Fact]
+    public async Task One_tls_port_serves_openai_over_http11_and_grpc_over_http2_by_alpn()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        var port = DslaMesh.Tests.Common.RedisServer.FreePort();
+        var pfx = Path.Combine(Path.GetTempPath(), $"dslamesh-gateway-{port}.pfx");
+        string thumbprint;
+        using (var rsa = System.Security.Cryptography.RSA.Create(2048))
+        {
+            var request = new System.Security.Cryptography.X509Certificates.CertificateRequest("CN=localhost", rsa, System.Security.Cryptography.HashAlgorithmName.SHA256, System.Security.Cryptography.RSASignaturePadding.Pkcs1);
+            var names = new System.Security.Cryptography.X509Certificates.SubjectAlternativeNameBuilder();
+            names.AddIpAddress(IPAddress.Loopback);
+            names.AddDnsName("localhost");
+            request.CertificateExtensions.Add(names.Build());
+            using var certificate = request.CreateSelfSigned(DateTimeOffset.UtcNow.AddDays(-1), DateTimeOffset.UtcNow.AddDays(1));
+            thumbprint = certificate.GetCertHashString();
+            await File.WriteAllBytesAsync(pfx, certificate.Export(System.Security.Cryptography.X509Certificates.X509ContentType.Pfx, "test"), ct);
+        }
+        try
+        {
+            await using var gateway = await GatewayHost.StartAsync(_mesh.Redis.Configuration, _mesh.Prefix, new Dictionary<string, string?>
+            {
+                ["Kestrel:Endpoints:Https:Url"] = $"https://127.0.0.1:{port}",
+                ["Kestrel:Endpoints:Https:Protocols"] = "Http1AndHttp2",
+                ["Kestrel:Endpoints:Https:Certificate:Path"] = pfx,
+                ["Kestrel:Endpoints:Https:Certificate:Password"] = "test",
+            });
+            await gateway.WaitForReplicasAsync([_mesh.A.Id, _mesh.B.Id], ct);
+            var address = new Uri($"https://127.0.0.1:{port}");
+            using var http = new HttpClient(new SocketsHttpHandler { SslOptions = { RemoteCertificateValidationCallback = (_, certificate, _, _) => certificate?.GetCertHashString() == thumbprint } }) { BaseAddress = address };
+            http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", GatewayHost.Key);
+            var sse = await Clients.SseAsync(http, new { prompt = new[] { 5, 6 }, max_tokens = 4, stream = true }, ct);
+            Assert.Equal(200, sse.Status);
+            Assert.True(sse.Done);
+
+            using var channel = Grpc.Net.Client.GrpcChannel.ForAddress(address, new Grpc.Net.Client.GrpcChannelOptions
+            {
+                HttpHandler = new SocketsHttpHandler { SslOptions = { RemoteCertificateValidationCallback = (_, certificate, _, _) => certificate?.GetCertHashString() == thumbprint } },
+            });
+            var grpc = await Clients.GrpcAsync(new Generation.GenerationClient(channel), Clients.Request(4), GatewayHost.WithKey(ct));
+            Assert.Null(grpc.Error);
+            Assert.Equal(4, grpc.Tokens.Count);
+        }
+        finally
+        {
+            File.Delete(pfx);
+        }
+    }
+
     private static async Task<TimeSpan> WaitAsync(Func<bool> condition, CancellationToken ct, double seconds = 30)
     {
         var watch = Stopwatch.StartNew();
