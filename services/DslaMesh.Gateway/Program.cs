@@ -1,8 +1,8 @@
 var builder = WebApplication.CreateBuilder(args);
-builder.Services.AddHealthChecks();
+builder.AddGateway();
 
 var app = builder.Build();
-app.MapHealthChecks("/health");
+app.MapGateway();
 app.Run();
 
 /// <summary>The gateway host (public for functional tests).</summary>

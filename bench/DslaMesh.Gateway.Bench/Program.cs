@@ -1,0 +1,3 @@
+using DslaMesh.Gateway.Bench;
+
+return await GatewayBench.RunAsync(args);

@@ -1,0 +1,118 @@
+using System.Text;
+using System.Text.Json;
+using DslaMesh.Fleet;
+using DslaMesh.Protos.V1;
+using Grpc.Core;
+using StackExchange.Redis;
+
+namespace DslaMesh.Gateway.Bench;
+
+/// <summary>
+/// A replica that answers instantly: SSE and gRPC streams of a fixed number of token-sized chunks, /health, and a
+/// registration plus metrics in Redis like a model service. With no model time in the way, what remains of a request's
+/// latency is HTTP, the proxy and the client.
+/// </summary>
+public sealed class StubReplica : IAsyncDisposable
+{
+    private readonly WebApplication _app;
+    private readonly ConnectionMultiplexer _redis;
+    private readonly CancellationTokenSource _stop = new();
+    private readonly Task _publisher;
+
+    private StubReplica(WebApplication app, ConnectionMultiplexer redis, string prefix, ServiceRegistration registration)
+    {
+        _app = app;
+        _redis = redis;
+        Registration = registration;
+        _publisher = PublishAsync(prefix, _stop.Token);
+    }
+
+    public ServiceRegistration Registration { get; }
+
+    public static async Task<StubReplica> StartAsync(string redis, string prefix, int httpPort, int grpcPort, int chunks)
+    {
+        var builder = WebApplication.CreateSlimBuilder();
+        builder.Logging.ClearProviders();
+        builder.WebHost.ConfigureKestrel(k =>
+        {
+            k.ListenLocalhost(httpPort, o => o.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http1);
+            k.ListenLocalhost(grpcPort, o => o.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http2);
+        });
+        builder.Services.AddGrpc();
+        builder.Services.AddSingleton(new StubGeneration(chunks));
+        var app = builder.Build();
+        var payloads = Enumerable.Range(0, chunks).Select(i => Encoding.UTF8.GetBytes(
+            $"data: {{\"id\":\"cmpl-bench\",\"object\":\"text_completion\",\"created\":0,\"model\":\"stub\",\"choices\":[{{\"index\":0,\"text\":\" tok{i}\",\"logprobs\":null,\"finish_reason\":{(i == chunks - 1 ? "\"length\"" : "null")}}}]}}\n\n")).ToArray();
+        app.MapPost("/v1/completions", async (HttpContext context) =>
+        {
+            await context.Request.Body.CopyToAsync(Stream.Null, context.RequestAborted);
+            context.Response.ContentType = "text/event-stream";
+            await context.Response.StartAsync(context.RequestAborted);
+            foreach (var payload in payloads)
+            {
+                await context.Response.Body.WriteAsync(payload, context.RequestAborted);
+                await context.Response.Body.FlushAsync(context.RequestAborted);
+            }
+            await context.Response.Body.WriteAsync("data: [DONE]\n\n"u8.ToArray(), context.RequestAborted);
+        });
+        app.MapGet("/health", () => "Healthy");
+        app.MapGrpcService<StubGeneration>();
+        await app.StartAsync();
+        var multiplexer = await ConnectionMultiplexer.ConnectAsync(redis);
+        var registration = new ServiceRegistration($"stub-{httpPort}", $"http://localhost:{httpPort}", $"http://localhost:{grpcPort}", "stub", 32, [], "none", 4096, 256, 1024, 1L << 30, DateTimeOffset.UtcNow);
+        return new StubReplica(app, multiplexer, prefix, registration);
+    }
+
+    private async Task PublishAsync(string prefix, CancellationToken cancellationToken)
+    {
+        var db = _redis.GetDatabase();
+        using var timer = new PeriodicTimer(TimeSpan.FromSeconds(1));
+        do
+        {
+            var metrics = JsonSerializer.Serialize(new ServiceMetricsRecord(Registration.Id, DateTimeOffset.UtcNow, 0, 0, new Dictionary<string, int>(), 0, 0, 1L << 30, 0, 0, 0, 0, [], 32, 0, false),
+                FleetJsonContext.Default.ServiceMetricsRecord);
+            await db.StringSetAsync(FleetKeys.Service(prefix, Registration.Id), JsonSerializer.Serialize(Registration, FleetJsonContext.Default.ServiceRegistration), TimeSpan.FromSeconds(5));
+            await db.SetAddAsync(FleetKeys.Services(prefix), Registration.Id);
+            await db.StringSetAsync(FleetKeys.Metrics(prefix, Registration.Id), metrics, TimeSpan.FromSeconds(5));
+            await db.PublishAsync(RedisChannel.Literal(FleetKeys.MetricsChannel(prefix)), metrics);
+        }
+        while (await timer.WaitForNextTickAsync(cancellationToken).ConfigureAwait(false));
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        await _stop.CancelAsync();
+        try
+        {
+            await _publisher;
+        }
+        catch (OperationCanceledException)
+        {
+            // Stopped.
+        }
+        _stop.Dispose();
+        await _app.StopAsync();
+        await _app.DisposeAsync();
+        await _redis.DisposeAsync();
+    }
+}
+
+/// <summary>gRPC Generate that streams a fixed number of one-token messages and a completion.</summary>
+public sealed class StubGeneration : Generation.GenerationBase
+{
+    private readonly int _chunks;
+
+    public StubGeneration(int chunks) => _chunks = chunks;
+
+    /// <inheritdoc/>
+    public override async Task Generate(GenerateRequest request, IServerStreamWriter<GenerateResponse> responseStream, ServerCallContext context)
+    {
+        for (var i = 0; i < _chunks - 1; i++)
+        {
+            var message = new GenerateResponse { Text = $" tok{i}" };
+            message.TokenIds.Add(i);
+            await responseStream.WriteAsync(message, context.CancellationToken);
+        }
+        await responseStream.WriteAsync(new GenerateResponse { Completion = new Completion { FinishReason = "length" } }, context.CancellationToken);
+    }
+}
