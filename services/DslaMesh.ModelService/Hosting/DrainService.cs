@@ -3,11 +3,11 @@ using Microsoft.Extensions.Options;
 namespace DslaMesh.ModelService.Hosting;
 
 /// <summary>
-/// On shutdown, before Kestrel stops listening: stop admitting (health turns 503 so load balancers move away), let
-/// running and queued streams finish up to <see cref="ModelServiceOptions.DrainTimeout"/>, then let the host go on
-/// (deregistration, Kestrel, model disposal).
+/// On shutdown, before any hosted service stops (so Kestrel still accepts connections): stop admitting (health turns
+/// 503 so load balancers move away), let running and queued streams finish up to
+/// <see cref="ModelServiceOptions.DrainTimeout"/>, then let the host go on (deregistration, Kestrel, model disposal).
 /// </summary>
-public sealed partial class DrainService : IHostedService
+public sealed partial class DrainService : IHostedLifecycleService
 {
     private readonly ModelHost _host;
     private readonly ModelServiceOptions _options;
@@ -21,10 +21,22 @@ public sealed partial class DrainService : IHostedService
     }
 
     /// <inheritdoc/>
+    public Task StartingAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    /// <inheritdoc/>
     public Task StartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
 
     /// <inheritdoc/>
-    public async Task StopAsync(CancellationToken cancellationToken)
+    public Task StartedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    /// <inheritdoc/>
+    public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    /// <inheritdoc/>
+    public Task StoppedAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+
+    /// <inheritdoc/>
+    public async Task StoppingAsync(CancellationToken cancellationToken)
     {
         if (_host.Engine is not { } engine)
         {

@@ -27,7 +27,7 @@ public static class ModelServiceExtensions
         services.TryAddSingleton<ModelHost>();
         services.AddHostedService(sp => sp.GetRequiredService<ModelHost>());
         services.AddHostedService<RedisPublisher>();
-        // Registered last so it stops first: the service drains while Kestrel still answers (health 503).
+        // Drains in the host's Stopping phase, before Kestrel stops listening, so health answers 503 meanwhile.
         services.AddHostedService<DrainService>();
         services.AddGrpc(o => o.EnableDetailedErrors = false);
         services.AddHealthChecks().AddCheck<ModelHealthCheck>("model", tags: ["ready"]);
