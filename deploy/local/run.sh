@@ -11,8 +11,8 @@
 #   DSLAMESH_CONTROLLER_PORT   5200   controller, HTTP; gRPC on +1 (5201)
 #   DSLAMESH_GATEWAY_PORT      8080   gateway, HTTP/1.1 (OpenAI API); gRPC (h2c) on +1 (8081)
 # Other settings:
-#   DSLAMESH_MODEL    model folder served by both model services (default: the test fixture model; the default
-#                     model the product embeds replaces it once trained)
+#   DSLAMESH_MODEL    model folder served by both model services (default: the embedded default model,
+#                     models/brown-8l, with its distilled DSLA layers)
 #   DSLAMESH_API_KEY  the gateway's API key (default: local-dev-key-0123456789)
 # Logs go to deploy/local/.logs/.
 set -euo pipefail
@@ -28,7 +28,7 @@ for arg in "$@"; do
   esac
 done
 
-model="${DSLAMESH_MODEL:-$root/tests/fixtures/llama/llama-gqa-untied}"
+model="${DSLAMESH_MODEL:-$root/models/brown-8l}"
 api_key="${DSLAMESH_API_KEY:-local-dev-key-0123456789}"
 redis_port="${DSLAMESH_REDIS_PORT:-6390}"
 ms1_port="${DSLAMESH_MS1_PORT:-5110}"
@@ -105,6 +105,7 @@ wait_http() {   # wait_http NAME URL [SECONDS]
 
 start redis redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --protected-mode no
 redis="127.0.0.1:$redis_port"
+admin_token="${DSLAMESH_ADMIN_TOKEN:-local-admin-token}"
 for i in 1 2; do
   port_var="ms${i}_port"; port="${!port_var}"
   Kestrel__Endpoints__Http__Url="http://127.0.0.1:$port" Kestrel__Endpoints__Http__Protocols=Http1 \
@@ -115,7 +116,7 @@ for i in 1 2; do
 done
 Kestrel__Endpoints__Http__Url="http://127.0.0.1:$controller_port" Kestrel__Endpoints__Http__Protocols=Http1 \
 Kestrel__Endpoints__Grpc__Url="http://127.0.0.1:$((controller_port + 1))" Kestrel__Endpoints__Grpc__Protocols=Http2 \
-Redis__Configuration="$redis" \
+Redis__Configuration="$redis" DSLAMESH_ADMIN_TOKEN="$admin_token" \
   start controller dotnet "$(bin DslaMesh.Controller DslaMesh.Controller.dll)"
 Kestrel__Endpoints__Http__Url="http://127.0.0.1:$gateway_port" Kestrel__Endpoints__Http__Protocols=Http1 \
 Kestrel__Endpoints__Grpc__Url="http://127.0.0.1:$((gateway_port + 1))" Kestrel__Endpoints__Grpc__Protocols=Http2 \
@@ -161,13 +162,9 @@ if receipt:
 say "served by replica: $(grep -i '^x-dslamesh-replica' "$logs/demo-headers.txt" | tr -d '\r' | cut -d' ' -f2)"
 
 dslactl=(dotnet "$(bin DslaMesh.Cli dslactl.dll)")
-if "${dslactl[@]}" --help 2>/dev/null | grep -qE '^\s+status\b'; then
-  say "dslactl status:"
-  DSLAMESH_REDIS="$redis" DSLAMESH_CONTROLLER="http://127.0.0.1:$((controller_port + 1))" DSLAMESH_GATEWAY="http://127.0.0.1:$gateway_port" \
-    "${dslactl[@]}" status || say "(dslactl status failed; see above)"
-else
-  say "dslactl status: not available yet in this build (the controller branch adds it); skipped"
-fi
+say "dslactl status:"
+sleep 1   # one controller tick, so the table shows the services' first metrics
+"${dslactl[@]}" status --controller "http://127.0.0.1:$((controller_port + 1))" --token "$admin_token" || say "(dslactl status failed; see above)"
 
 if [ "$once" -eq 1 ]; then
   exit 0
