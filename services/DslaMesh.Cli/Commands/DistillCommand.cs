@@ -46,6 +46,7 @@ public static class DistillCommand
         var resume = new Option<bool>("--resume") { Description = "Continue each variant's checkpoint (its recipe is used; explicit options must agree); variants already distilled with this recipe are skipped." };
         var stopAfter = new Option<int>("--stop-after") { Description = "Write a checkpoint and stop after step N of a variant (continue later with --resume)." };
         var logEvery = new Option<int?>("--log-every") { Description = "Progress report every N steps (default: 1 on CPU, 10 on CUDA)." };
+        var microBatch = new Option<int?>("--micro-batch") { Description = "Rows per forward/backward pass within a step; the update is the same, memory smaller (default: the whole batch on CUDA, 2 on CPU)." };
         var checkpointEvery = new Option<int>("--checkpoint-every") { Description = "Checkpoint every N steps (0: only at the end of each layer).", DefaultValueFactory = _ => 100 };
         var deterministic = new Option<bool>("--deterministic") { Description = "Deterministic algorithms (and math-only attention on CUDA) so a run repeats bit for bit.", DefaultValueFactory = _ => true };
         var tf32 = new Option<bool>("--tf32") { Description = "Allow TF32 tensor-core matmuls on CUDA.", DefaultValueFactory = _ => true };
@@ -53,7 +54,7 @@ public static class DistillCommand
         var recipeOptions = new Option[] { steps, layers, seqLen, batch, lr, minLr, warmup, gateWeight, klSteps, klLr, weightDecay, gradClip, evalWindows, seed };
         var command = new Command("distill", "Distil DSLA layers from the teacher layer by layer in sensitivity order (chained), then fine-tune them end to end on logit KL.");
         foreach (var option in new Option[] { model, variant, data, device, libTorch, threads }.Concat(recipeOptions)
-            .Concat(new Option[] { samples, sensitivityLen, resume, stopAfter, logEvery, checkpointEvery, deterministic, tf32 }))
+            .Concat(new Option[] { samples, sensitivityLen, resume, stopAfter, logEvery, microBatch, checkpointEvery, deterministic, tf32 }))
         {
             command.Options.Add(option);
         }
@@ -125,6 +126,7 @@ public static class DistillCommand
                     ModelDirectory = loaded.Directory,
                     Resume = resuming,
                     LogEvery = result.GetValue(logEvery) ?? (isCuda ? 10 : 1),
+                    MicroBatch = result.GetValue(microBatch) ?? (isCuda ? 0 : 2),
                     CheckpointEvery = result.GetValue(checkpointEvery),
                     StopAfter = result.GetValue(stopAfter),
                     Deterministic = result.GetValue(deterministic),

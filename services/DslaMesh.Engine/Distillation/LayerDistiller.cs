@@ -276,10 +276,22 @@ public sealed class LayerDistiller
             var stopped = Loop(state, _recipe.StepsPerLayer, _recipe.LearningRate, parameters, optimizer, windows, totalSteps, clock, checkpointDir, set,
                 stageClock, stageBase, ids =>
                 {
-                    using var capture = HybridForward.CaptureLayer(_model, ids, layer, prefixMix);
-                    var (output, _) = mixer.Run(capture.Input);
-                    var loss = NormalizedMse(output, capture.Target!);
-                    return dual ? loss + (_recipe.GateLossWeight * GateCosine(mixer.LogGates(capture.Input))) : loss;
+                    // The frozen prefix runs once for the whole batch (no graph); the DSLA layer runs per micro-batch. The
+                    // NMSE denominator is the whole batch's, so the parts add up to the full-batch objective.
+                    var capture = HybridForward.CaptureLayer(_model, ids, layer, prefixMix);
+                    var energy = capture.Target!.to(ScalarType.Float32).pow(2).sum().clamp_min(1e-12);
+                    return (start, count) =>
+                    {
+                        using var scope = NewDisposeScope();
+                        var x = capture.Input.narrow(0, start, count);
+                        var (output, _) = mixer.Run(x);
+                        var part = (output.to(ScalarType.Float32) - capture.Target.narrow(0, start, count).to(ScalarType.Float32)).pow(2).sum() / energy;
+                        if (dual)
+                        {
+                            part = part + (GateCosine(mixer.LogGates(x)) * (_recipe.GateLossWeight * count / ids.shape[0]));
+                        }
+                        return part.MoveToOuterDisposeScope();
+                    };
                 }, mean => trainLoss = mean, cancellationToken);
             if (stopped)
             {
@@ -349,8 +361,12 @@ public sealed class LayerDistiller
                     {
                         teacher = _model.Forward(ids).to(ScalarType.Float32).log_softmax(-1);
                     }
-                    var student = _model.Forward(ids, null, mix).to(ScalarType.Float32).log_softmax(-1);
-                    return TokenKl(teacher, student);
+                    return (start, count) =>
+                    {
+                        using var scope = NewDisposeScope();
+                        var student = _model.Forward(ids.narrow(0, start, count), null, mix).to(ScalarType.Float32).log_softmax(-1);
+                        return (TokenKl(teacher.narrow(0, start, count), student) * ((double)count / ids.shape[0])).MoveToOuterDisposeScope();
+                    };
                 }, mean => trainKl = mean, cancellationToken);
             if (stopped)
             {
@@ -377,10 +393,13 @@ public sealed class LayerDistiller
 
     /// <summary>
     /// The optimisation loop of one stage, from <see cref="DistillationState.StageStep"/> to <paramref name="steps"/>.
-    /// Returns true when it stopped early (cancelled or at StopAfter; a checkpoint is written).
+    /// <paramref name="objective"/> prepares a step's batch (ids [B, T]) and returns the loss of rows
+    /// [start, start + count) scaled so that the parts of a batch add up to its loss; each part is back-propagated on its
+    /// own (<see cref="DistillationRunOptions.MicroBatch"/> rows at a time), which bounds the activation memory without
+    /// changing the step. Returns true when it stopped early (cancelled or at StopAfter; a checkpoint is written).
     /// </summary>
     private bool Loop(DistillationState state, int steps, double peakLr, Parameter[] parameters, AdamW optimizer, TokenWindows windows, int totalSteps,
-        RunClock clock, string checkpointDir, DslaLayerSet set, Stopwatch stageClock, double stageBase, Func<Tensor, Tensor> objective, Action<double> reportMean,
+        RunClock clock, string checkpointDir, DslaLayerSet set, Stopwatch stageClock, double stageBase, Func<Tensor, Func<long, long, Tensor>> objective, Action<double> reportMean,
         CancellationToken cancellationToken)
     {
         var tokensPerStep = (long)_recipe.Batch * _recipe.SeqLen;
@@ -409,14 +428,23 @@ public sealed class LayerDistiller
                 using (var scope = NewDisposeScope())
                 {
                     var batch = tensor(windows.Batch(state.Step, _recipe.Batch), _recipe.Batch, _recipe.SeqLen + 1).to(_model.Device);
-                    var loss = objective(batch.narrow(1, 0, _recipe.SeqLen));
-                    loss.backward();
+                    var part = objective(batch.narrow(1, 0, _recipe.SeqLen));
+                    var micro = _run.MicroBatch > 0 ? Math.Min(_run.MicroBatch, _recipe.Batch) : _recipe.Batch;
+                    for (var start = 0; start < _recipe.Batch; start += micro)
+                    {
+                        using var inner = NewDisposeScope();
+                        var loss = part(start, Math.Min(micro, _recipe.Batch - start));
+                        loss.backward();
+                        using (no_grad())
+                        {
+                            lossSum.add_(loss.detach().to(ScalarType.Float32).view(1));
+                        }
+                    }
                     var norm = TrainingSteps.ClipGradients(parameters, _recipe.GradClip);
                     optimizer.step();
                     optimizer.zero_grad();
                     using (no_grad())
                     {
-                        lossSum.add_(loss.detach().to(ScalarType.Float32).view(1));
                         lastNorm.copy_(norm.view(1));
                     }
                 }

@@ -144,6 +144,34 @@ public sealed class DistillationTests : IDisposable
     }
 
     [Fact]
+    public void Micro_batches_add_up_to_the_same_update_as_the_whole_batch()
+    {
+        var weights = new List<Dictionary<string, float[]>>();
+        foreach (var micro in new[] { 0, 1, 3 })
+        {
+            using var model = TinyModels.Model(TinyModels.Config(heads: 2, kvHeads: 1, layers: 2), seed: 5);
+            var folder = TempFolder();
+            var result = new LayerDistiller(model, Recipe("dsla", steps: 4, klSteps: 3), new DistillationRunOptions { ModelDirectory = folder, MicroBatch = micro })
+                .Run(Stream(2000, 1), Stream(600, 2), [1, 0], TestContext.Current.CancellationToken);
+            Assert.True(result.Completed);
+            using var file = SafeTensorsFile.Open(result.WeightsPath);
+            weights.Add(file.Entries.Keys.ToDictionary(n => n, n =>
+            {
+                using var t = file.Read(n);
+                return t.to(ScalarType.Float32).data<float>().ToArray();
+            }));
+        }
+        foreach (var (name, whole) in weights[0])
+        {
+            foreach (var other in weights.Skip(1))
+            {
+                var diff = whole.Zip(other[name], (a, b) => Math.Abs(a - b)).Max();
+                Assert.True(diff < 1e-4, $"{name}: micro-batched weights differ by {diff:E2}");
+            }
+        }
+    }
+
+    [Fact]
     public void The_second_layer_is_trained_and_measured_in_the_hybrid_with_the_first_converted()
     {
         using var model = TinyModels.Model(TinyModels.Config(heads: 2, kvHeads: 1, layers: 2), seed: 5);
