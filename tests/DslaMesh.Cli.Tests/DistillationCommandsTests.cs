@@ -94,6 +94,9 @@ public sealed class DistillationCommandsTests : IDisposable
         var png = File.ReadAllBytes(plotPath);
         Assert.Equal(new byte[] { 0x89, 0x50, 0x4E, 0x47, 0x0D, 0x0A, 0x1A, 0x0A }, png.Take(8));
         Assert.True(png.Length > 10_000, $"PNG of {png.Length} bytes");
+        // The plot's text uses the font shipped beside dslactl, not whatever the host has (GPU containers have none).
+        Assert.True(File.Exists(Path.Combine(AppContext.BaseDirectory, "Fonts", "DejaVuSans.ttf")));
+        Assert.NotNull(ScottPlot.Fonts.GetTypeface("DejaVu Sans (dslactl)", bold: false, italic: false));
 
         using var report = JsonDocument.Parse(File.ReadAllText(jsonPath));
         var root = report.RootElement;

@@ -6,10 +6,16 @@ namespace DslaMesh.Cli.Commands;
 /// <summary>
 /// Draws an evaluation report as one PNG with three panels against the fraction of layers converted: held-out
 /// perplexity, passkey accuracy and key–value accuracy (one colour per variant, one line pattern per prompt length).
-/// ScottPlot renders through SkiaSharp's self-contained Linux build, so it needs no display or system libraries.
+/// ScottPlot renders through SkiaSharp's self-contained Linux build, so it needs no display or system libraries; the
+/// text is drawn with DejaVu Sans shipped beside dslactl (<c>Fonts/</c>), because GPU containers often have no fonts at
+/// all and the labels would otherwise be missing.
 /// </summary>
 internal static class EvalPlot
 {
+    /// <summary>The family name the shipped font is registered under.</summary>
+    public const string FontFamily = "DejaVu Sans (dslactl)";
+
+    private static readonly Lazy<bool> ShippedFont = new(RegisterShippedFont);
     private static readonly LinePattern[] Patterns = [LinePattern.Solid, LinePattern.Dashed, LinePattern.Dotted, LinePattern.DenselyDashed];
     private static readonly MarkerShape[] Markers = [MarkerShape.FilledCircle, MarkerShape.FilledSquare, MarkerShape.FilledTriangleUp, MarkerShape.FilledDiamond];
 
@@ -20,6 +26,13 @@ internal static class EvalPlot
         var variants = report.Results.Select(r => r.Variant).Distinct().ToList();
         var multiplot = new Multiplot();
         multiplot.AddPlots(3);
+        if (ShippedFont.Value)
+        {
+            foreach (var panel in multiplot.GetPlots())
+            {
+                panel.Font.Set(FontFamily);
+            }
+        }
         multiplot.Layout = new ScottPlot.MultiplotLayouts.Columns();
         var perplexity = multiplot.GetPlot(0);
         var passkey = multiplot.GetPlot(1);
@@ -56,6 +69,21 @@ internal static class EvalPlot
         }
         multiplot.SavePng(path, width, height);
         return path;
+    }
+
+    /// <summary>Registers Fonts/DejaVuSans*.ttf from the application folder; false when they are missing.</summary>
+    internal static bool RegisterShippedFont()
+    {
+        var folder = Path.Combine(AppContext.BaseDirectory, "Fonts");
+        var regular = Path.Combine(folder, "DejaVuSans.ttf");
+        var bold = Path.Combine(folder, "DejaVuSans-Bold.ttf");
+        if (!File.Exists(regular))
+        {
+            return false;
+        }
+        Fonts.AddFontFile(FontFamily, regular, bold: false, italic: false);
+        Fonts.AddFontFile(FontFamily, File.Exists(bold) ? bold : regular, bold: true, italic: false);
+        return true;
     }
 
     private static void AddRecall(Plot plot, string variant, List<EvaluationRow> rows, Func<EvaluationRow, List<RecallScore>?> scores, Color color, int variantIndex)

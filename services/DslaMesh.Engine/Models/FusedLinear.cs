@@ -51,8 +51,23 @@ public sealed class FusedLinear : IDisposable
     /// <summary>The parts, in order.</summary>
     public IReadOnlyList<Projection> Parts => _parts;
 
-    /// <summary>x [..., in] → [..., Σout]: every part in one product.</summary>
-    public Tensor Forward(Tensor x) => nn.functional.linear(x, _weight, _bias);
+    /// <summary>
+    /// x [..., in] → [..., Σout]: every part in one product. The parts are the parameters (optimisers and checkpoints see
+    /// them) and the shared weight is not, so when a part needs a gradient the product goes through the parts instead,
+    /// one per part, and autograd reaches them; otherwise they would never be trained.
+    /// </summary>
+    public Tensor Forward(Tensor x)
+    {
+        if (!NeedsGradient)
+        {
+            return nn.functional.linear(x, _weight, _bias);
+        }
+        using var scope = NewDisposeScope();
+        return cat(_parts.Select(p => p.forward(x)).ToArray(), -1).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Whether gradients are on and some part's weight or bias requires one.</summary>
+    private bool NeedsGradient => is_grad_enabled() && _parts.Any(p => p.Weight.requires_grad || p.Bias?.requires_grad == true);
 
     /// <summary>
     /// Whether every part still views the shared storage (host metadata only, no device sync). True when it cannot be
