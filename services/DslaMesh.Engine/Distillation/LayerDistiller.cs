@@ -581,20 +581,7 @@ public sealed class LayerDistiller
         }
         optimizer?.save_state_dict(Path.Combine(temp, "optimizer.bin"));
         File.WriteAllText(Path.Combine(temp, "state.json"), DistillationJson.Serialize(state) + "\n");
-        var old = directory + ".old";
-        if (Directory.Exists(old))
-        {
-            Directory.Delete(old, recursive: true);
-        }
-        if (Directory.Exists(directory))
-        {
-            Directory.Move(directory, old);
-        }
-        Directory.Move(temp, directory);
-        if (Directory.Exists(old))
-        {
-            Directory.Delete(old, recursive: true);
-        }
+        CheckpointFolders.Commit(temp, directory);
         _observer.OnCheckpoint(state.Step, directory);
     }
 

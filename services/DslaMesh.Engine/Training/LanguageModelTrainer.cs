@@ -343,20 +343,7 @@ public sealed class LanguageModelTrainer
             SafeTensorsFile.Write(Path.Combine(temp, "best.safetensors"), best, new Dictionary<string, string> { ["step"] = state.BestStep.ToString(System.Globalization.CultureInfo.InvariantCulture) });
         }
         File.WriteAllText(Path.Combine(temp, "state.json"), TrainingJson.Serialize(state));
-        var old = directory + ".old";
-        if (Directory.Exists(old))
-        {
-            Directory.Delete(old, recursive: true);
-        }
-        if (Directory.Exists(directory))
-        {
-            Directory.Move(directory, old);
-        }
-        Directory.Move(temp, directory);
-        if (Directory.Exists(old))
-        {
-            Directory.Delete(old, recursive: true);
-        }
+        CheckpointFolders.Commit(temp, directory);
         _observer.OnCheckpoint(state.Step, directory);
     }
 
