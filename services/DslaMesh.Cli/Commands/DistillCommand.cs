@@ -96,7 +96,7 @@ public static class DistillCommand
             Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                 $"Teacher: {loaded.Directory} ({loaded.Model.Config.NumHiddenLayers} layers, hidden {loaded.Model.Config.HiddenSize}) on {loaded.Model.Device}; data: {streams.Source}, {streams.Train.Length:N0} training and {streams.HeldOut.Length:N0} held-out tokens."));
             var order = ConversionOrder(loaded, streams.HeldOut, result.GetValue(samples), result.GetValue(sensitivityLen));
-            var explicitOptions = recipeOptions.Where(o => result.GetResult(o) is { Implicit: false }).Select(o => o.Name).ToHashSet(StringComparer.Ordinal);
+            var explicitOptions = ResumeConflicts.ExplicitOptions(result, recipeOptions);
             var variants = result.GetValue(variant) == "all" ? AllVariants : [result.GetValue(variant)!];
             var isCuda = backend.IsCuda;
             foreach (var name in variants)
@@ -173,32 +173,22 @@ public static class DistillCommand
     /// <summary>The checkpoint's recipe; options given explicitly on the command line must agree with it.</summary>
     private static DistillationRecipe ResumeRecipe(DistillationRecipe saved, DistillationRecipe requested, HashSet<string> explicitOptions)
     {
-        var conflicts = new List<string>();
-        void Check<T>(string name, T asked, T had)
-        {
-            if (explicitOptions.Contains(name) && !EqualityComparer<T>.Default.Equals(asked, had))
-            {
-                conflicts.Add(string.Create(CultureInfo.InvariantCulture, $"{name} {asked} (checkpoint: {had})"));
-            }
-        }
-        Check("--steps-per-layer", requested.StepsPerLayer, saved.StepsPerLayer);
-        Check("--layers", requested.Layers, saved.Layers);
-        Check("--seq-len", requested.SeqLen, saved.SeqLen);
-        Check("--batch", requested.Batch, saved.Batch);
-        Check("--lr", requested.LearningRate, saved.LearningRate);
-        Check("--min-lr-ratio", requested.MinLearningRateRatio, saved.MinLearningRateRatio);
-        Check("--warmup", requested.WarmupSteps, saved.WarmupSteps);
-        Check("--gate-loss-weight", requested.GateLossWeight, saved.GateLossWeight);
-        Check("--kl-steps", requested.KlSteps, saved.KlSteps);
-        Check("--kl-lr", requested.KlLearningRate, saved.KlLearningRate);
-        Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
-        Check("--grad-clip", requested.GradClip, saved.GradClip);
-        Check("--eval-windows", requested.EvalWindows, saved.EvalWindows);
-        Check("--seed", requested.Seed, saved.Seed);
-        if (conflicts.Count > 0)
-        {
-            throw new ArgumentException($"--resume continues the {saved.Variant} checkpoint's recipe; these options disagree with it: {string.Join(", ", conflicts)}.");
-        }
+        var conflicts = new ResumeConflicts(explicitOptions);
+        conflicts.Check("--steps-per-layer", requested.StepsPerLayer, saved.StepsPerLayer);
+        conflicts.Check("--layers", requested.Layers, saved.Layers);
+        conflicts.Check("--seq-len", requested.SeqLen, saved.SeqLen);
+        conflicts.Check("--batch", requested.Batch, saved.Batch);
+        conflicts.Check("--lr", requested.LearningRate, saved.LearningRate);
+        conflicts.Check("--min-lr-ratio", requested.MinLearningRateRatio, saved.MinLearningRateRatio);
+        conflicts.Check("--warmup", requested.WarmupSteps, saved.WarmupSteps);
+        conflicts.Check("--gate-loss-weight", requested.GateLossWeight, saved.GateLossWeight);
+        conflicts.Check("--kl-steps", requested.KlSteps, saved.KlSteps);
+        conflicts.Check("--kl-lr", requested.KlLearningRate, saved.KlLearningRate);
+        conflicts.Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
+        conflicts.Check("--grad-clip", requested.GradClip, saved.GradClip);
+        conflicts.Check("--eval-windows", requested.EvalWindows, saved.EvalWindows);
+        conflicts.Check("--seed", requested.Seed, saved.Seed);
+        conflicts.ThrowIfAny($"the {saved.Variant} checkpoint");
         return saved;
     }
 

@@ -132,36 +132,26 @@ public static class TrainCommand
     {
         var saved = LanguageModelTrainer.ReadCheckpointState(outDir)?.Recipe
             ?? throw new ArgumentException($"--resume: no checkpoint in '{Path.Combine(outDir, LanguageModelTrainer.CheckpointFolder)}'.");
-        var explicitOptions = recipeOptions.Where(o => result.GetResult(o) is { Implicit: false }).Select(o => o.Name).ToHashSet(StringComparer.Ordinal);
-        var conflicts = new List<string>();
-        void Check<T>(string name, T asked, T had)
-        {
-            if (explicitOptions.Contains(name) && !EqualityComparer<T>.Default.Equals(asked, had))
-            {
-                conflicts.Add(string.Create(CultureInfo.InvariantCulture, $"{name} {asked} (checkpoint: {had})"));
-            }
-        }
-        Check("--vocab", requested.VocabSize, saved.VocabSize);
-        Check("--layers", requested.Layers, saved.Layers);
-        Check("--hidden", requested.HiddenSize, saved.HiddenSize);
-        Check("--heads", requested.Heads, saved.Heads);
-        Check("--kv-heads", requested.KvHeads, saved.KvHeads);
-        Check("--intermediate", requested.IntermediateSize, saved.IntermediateSize);
-        Check("--context", requested.Context, saved.Context);
-        Check("--seq-len", requested.SeqLen, saved.SeqLen);
-        Check("--batch", requested.Batch, saved.Batch);
-        Check("--steps", requested.Steps, saved.Steps);
-        Check("--epochs", requested.Epochs, saved.Epochs);
-        Check("--lr", requested.PeakLearningRate, saved.PeakLearningRate);
-        Check("--min-lr-ratio", requested.MinLearningRateRatio, saved.MinLearningRateRatio);
-        Check("--warmup", requested.WarmupSteps, saved.WarmupSteps);
-        Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
-        Check("--grad-clip", requested.GradClip, saved.GradClip);
-        Check("--seed", requested.Seed, saved.Seed);
-        if (conflicts.Count > 0)
-        {
-            throw new ArgumentException($"--resume continues the checkpoint's recipe; these options disagree with it: {string.Join(", ", conflicts)}.");
-        }
+        var explicitOptions = ResumeConflicts.ExplicitOptions(result, recipeOptions);
+        var conflicts = new ResumeConflicts(explicitOptions);
+        conflicts.Check("--vocab", requested.VocabSize, saved.VocabSize);
+        conflicts.Check("--layers", requested.Layers, saved.Layers);
+        conflicts.Check("--hidden", requested.HiddenSize, saved.HiddenSize);
+        conflicts.Check("--heads", requested.Heads, saved.Heads);
+        conflicts.Check("--kv-heads", requested.KvHeads, saved.KvHeads);
+        conflicts.Check("--intermediate", requested.IntermediateSize, saved.IntermediateSize);
+        conflicts.Check("--context", requested.Context, saved.Context);
+        conflicts.Check("--seq-len", requested.SeqLen, saved.SeqLen);
+        conflicts.Check("--batch", requested.Batch, saved.Batch);
+        conflicts.Check("--steps", requested.Steps, saved.Steps);
+        conflicts.Check("--epochs", requested.Epochs, saved.Epochs);
+        conflicts.Check("--lr", requested.PeakLearningRate, saved.PeakLearningRate);
+        conflicts.Check("--min-lr-ratio", requested.MinLearningRateRatio, saved.MinLearningRateRatio);
+        conflicts.Check("--warmup", requested.WarmupSteps, saved.WarmupSteps);
+        conflicts.Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
+        conflicts.Check("--grad-clip", requested.GradClip, saved.GradClip);
+        conflicts.Check("--seed", requested.Seed, saved.Seed);
+        conflicts.ThrowIfAny("the checkpoint");
         return saved;
     }
 
