@@ -51,7 +51,7 @@ public sealed class FleetControlTests
         var ct = TestContext.Current.CancellationToken;
         await using var fleet = await TestFleet.StartAsync(_model.ModelPath, policyJson: BurstPolicy);
         await fleet.WaitForStreamsAsync(fleet.Controller!, ct);
-        await fleet.WaitForLayersAsync([], TimeSpan.FromSeconds(2), ct);
+        await fleet.WaitForLayersAsync([], TestFleet.SetupBound, ct);
 
         using var burst = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var prompt = Enumerable.Range(2, 40).ToArray();
@@ -170,7 +170,7 @@ public sealed class FleetControlTests
         var ct = TestContext.Current.CancellationToken;
         await using var fleet = await TestFleet.StartAsync(_model.ModelPath, services: 1, policyJson: AlwaysPolicy);
         var service = fleet.Services[0];
-        await fleet.WaitForLayersAsync([0, 1], TimeSpan.FromSeconds(2), ct);
+        await fleet.WaitForLayersAsync([0, 1], TestFleet.SetupBound, ct);
         var applied = (await fleet.StatesAsync(ct))[0].Epoch;
         Assert.True(applied > 0);
 
@@ -210,7 +210,7 @@ public sealed class FleetControlTests
     {
         var ct = TestContext.Current.CancellationToken;
         await using var fleet = await TestFleet.StartAsync(_model.ModelPath, policyJson: AlwaysPolicy);
-        await fleet.WaitForLayersAsync([0, 1], TimeSpan.FromSeconds(2), ct);
+        await fleet.WaitForLayersAsync([0, 1], TestFleet.SetupBound, ct);
         await fleet.Controller!.DisposeAsync();
         fleet.Controller = null;
 
@@ -283,7 +283,7 @@ public sealed class FleetControlTests
         var ct = TestContext.Current.CancellationToken;
         await using var fleet = await TestFleet.StartAsync(_model.ModelPath, policyJson: AlwaysPolicy);
         var controller = fleet.Controller!;
-        await fleet.WaitForLayersAsync([0, 1], TimeSpan.FromSeconds(2), ct);
+        await fleet.WaitForLayersAsync([0, 1], TestFleet.SetupBound, ct);
         var version = controller.Policies.Current.Version;
 
         await fleet.Redis.StopAsync();

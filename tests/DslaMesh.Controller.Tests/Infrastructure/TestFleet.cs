@@ -24,6 +24,12 @@ public sealed class TestFleet : IAsyncDisposable
         Services = services;
     }
 
+    /// <summary>
+    /// How long a test waits for the fleet to reach the state it starts from (services discovered, streams connected,
+    /// the first policy applied). Generous on purpose: only the waits that measure a requirement use tight bounds.
+    /// </summary>
+    public static readonly TimeSpan SetupBound = TimeSpan.FromSeconds(15);
+
     public RedisServer Redis { get; }
     public string Prefix { get; }
     public IReadOnlyList<ModelServiceHost> Services { get; }
