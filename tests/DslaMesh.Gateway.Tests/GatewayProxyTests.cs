@@ -7,6 +7,7 @@ using System.Text.Json;
 using DslaMesh.Fleet;
 using DslaMesh.Gateway.Discovery;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Grpc.Core;
 using StackExchange.Redis;
 

@@ -1,7 +1,7 @@
 using System.Collections.Concurrent;
 using Microsoft.Extensions.Logging;
 
-namespace DslaMesh.Controller.Tests.Infrastructure;
+namespace DslaMesh.Tests.Common;
 
 /// <summary>Collects Warning-and-above log entries of a host, so functional tests can fail on unexpected errors.</summary>
 public sealed class ErrorLog : ILoggerProvider

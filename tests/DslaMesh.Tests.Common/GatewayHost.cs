@@ -1,7 +1,6 @@
 using System.Net.Http.Headers;
 using DslaMesh.Gateway.Discovery;
 using DslaMesh.Protos.V1;
-using DslaMesh.Tests.Common;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
@@ -10,7 +9,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 using Yarp.ReverseProxy;
 
-namespace DslaMesh.Gateway.Tests;
+namespace DslaMesh.Tests.Common;
 
 /// <summary>A real gateway on Kestrel (HTTP/1.1+2 and h2c endpoints on free loopback ports), built like Program.cs.</summary>
 public sealed class GatewayHost : IAsyncDisposable

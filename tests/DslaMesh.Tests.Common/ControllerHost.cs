@@ -1,7 +1,6 @@
 using DslaMesh.Controller.Control;
 using DslaMesh.Controller.Policies;
 using DslaMesh.Protos.V1;
-using DslaMesh.Tests.Common;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
@@ -9,7 +8,7 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
-namespace DslaMesh.Controller.Tests.Infrastructure;
+namespace DslaMesh.Tests.Common;
 
 /// <summary>A real controller on Kestrel (HTTP and h2c gRPC on free loopback ports) with an authenticated admin client.</summary>
 public sealed class ControllerHost : IAsyncDisposable
