@@ -20,6 +20,16 @@ public static class ModelFolders
         {
             File.Copy(file, Path.Combine(folder, Path.GetFileName(file)));
         }
+        AddFoldableDsla(folder, seed, order);
+        return folder;
+    }
+
+    /// <summary>
+    /// Adds foldable DSLA weights for every layer of the model in <paramref name="folder"/> (initialised from the
+    /// teacher, seeded) with a manifest whose conversion order is the given one (default: last layer first).
+    /// </summary>
+    public static void AddFoldableDsla(string folder, long seed = 3, int[]? order = null)
+    {
         var device = TorchRuntime.EnsureCpu();
         using var model = LlamaForCausalLM.Load(folder, ScalarType.Float32, device);
         var layers = Enumerable.Range(0, model.Config.NumHiddenLayers).ToArray();
@@ -31,6 +41,5 @@ public static class ModelFolders
             Order = [.. order ?? layers.Reverse()],
             Variants = { ["dsla-foldable"] = new DslaVariantEntry { File = "dsla-foldable.safetensors", Layers = [.. layers] } },
         }.Save(folder);
-        return folder;
     }
 }

@@ -17,6 +17,7 @@ public static class BenchCommands
         var bench = new Command("bench", "Performance benchmarks.");
         bench.Subcommands.Add(CreateEngine());
         bench.Subcommands.Add(ServeBenchCommand.Create());
+        bench.Subcommands.Add(ReplayBenchCommand.Create());
         return bench;
     }
 

@@ -71,6 +71,9 @@ internal static class EvalPlot
         return path;
     }
 
+    /// <summary>Registers the shipped font once per process; false when it is missing.</summary>
+    internal static bool RegisterShippedFontOnce() => ShippedFont.Value;
+
     /// <summary>Registers Fonts/DejaVuSans*.ttf from the application folder; false when they are missing.</summary>
     internal static bool RegisterShippedFont()
     {

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Dsla;
@@ -20,8 +21,18 @@ namespace DslaMesh.Engine.Dsla;
 /// </summary>
 public static class DslaOps
 {
-    /// <summary>Default chunk length of the chunked form.</summary>
+    /// <summary>Default chunk length of the chunked form (CUDA and training: fewer, larger launches).</summary>
     public const int DefaultChunkSize = 64;
+
+    /// <summary>
+    /// Chunk length on CPU. There the [C, C, dk] pairwise decays' memory traffic dominates (work per token grows with
+    /// C): with brown-8l at 50% DSLA a 256-token prefill took 123 ms with C = 64 and 58 ms with C = 16 (attention:
+    /// 38 ms), and C = 8 was no faster at 1024 tokens (dslactl bench serve, 2-core development machine).
+    /// </summary>
+    public const int CpuChunkSize = 16;
+
+    /// <summary>The chunk length that suits a device.</summary>
+    public static int ChunkSizeFor(Device device) => device?.type == DeviceType.CPU ? CpuChunkSize : DefaultChunkSize;
 
     /// <summary>
     /// Upper bound on the elements of one pairwise-decay tensor [B, Hkv, chunks, C, C, dk]; the chunked form processes as

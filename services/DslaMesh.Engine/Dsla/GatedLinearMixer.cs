@@ -25,7 +25,7 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     /// <summary>Lower clamp of the log-gate.</summary>
     public const double GateClampMin = -50.0;
 
-    private int _chunkSize = DslaOps.DefaultChunkSize;
+    private int? _chunkSize;
 
     protected GatedLinearMixer(string name, LlamaConfig config, int stateCount) : base(name)
     {
@@ -52,14 +52,18 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     /// <summary>States per sequence (2 for DSLA, 1 for GLA).</summary>
     public int StateCount { get; }
 
-    /// <summary>Chunk length of the chunked form (prefill and training). Smaller chunks need less memory per token
+    /// <summary>Chunk length of the chunked form (prefill and training); null (the default) picks
+    /// <see cref="DslaOps.ChunkSizeFor"/> the input's device. Smaller chunks need less memory per token
     /// (B·Hkv·T·C·hd floats for the pairwise decays); 16–64 are sensible.</summary>
-    public int ChunkSize
+    public int? ChunkSize
     {
         get => _chunkSize;
         set
         {
-            ArgumentOutOfRangeException.ThrowIfLessThan(value, 1);
+            if (value is { } size)
+            {
+                ArgumentOutOfRangeException.ThrowIfLessThan(size, 1);
+            }
             _chunkSize = value;
         }
     }
@@ -149,7 +153,7 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
         var (q, k, v, gates) = Features(x);
         var (outputs, states) = t == 1
             ? DslaOps.Recurrent(q, k, v, gates, initialStates)
-            : DslaOps.Chunked(q, k, v, gates, initialStates, ChunkSize);
+            : DslaOps.Chunked(q, k, v, gates, initialStates, ChunkSize ?? DslaOps.ChunkSizeFor(x.device));
         var mixed = Combine(outputs).to(x.dtype);                          // [B, H, T, hd]
         var merged = mixed.transpose(1, 2).reshape(b, t, Heads * HeadDim);  // [B, T, H·hd]
         var output = ProjectOutput(merged).MoveToOuterDisposeScope();
