@@ -42,7 +42,7 @@ public static class ReplayBenchCommand
         var adaptivePolicy = new Option<FileInfo?>("--adaptive-policy") { Description = "Policy file for the adaptive mode (default: the built-in policy, MCR lengths × --length-scale)." };
         var sloTtft = new Option<double>("--slo-ttft-ms") { Description = "Goodput SLO: time to first token.", DefaultValueFactory = _ => 2000 };
         var sloTpot = new Option<double>("--slo-tpot-ms") { Description = "Goodput SLO: time per output token after the first.", DefaultValueFactory = _ => 100 };
-        var warmup = new Option<int>("--warmup") { Description = "Unmeasured requests sent before the first mode.", DefaultValueFactory = _ => 4 };
+        var warmup = new Option<int>("--warmup") { Description = "Unmeasured requests (the trace's first, at their arrival times, half the layers on DSLA) replayed before the first mode.", DefaultValueFactory = _ => 120 };
         var settle = new Option<double>("--settle-seconds") { Description = "How long to wait for every service to reach a mode's starting layer mix.", DefaultValueFactory = _ => 120 };
         var requestTimeout = new Option<double>("--request-timeout-seconds") { Description = "Deadline of each request.", DefaultValueFactory = _ => 600 };
         var sampleMs = new Option<int>("--sample-ms") { Description = "How often the controller is asked for every service's layer mix.", DefaultValueFactory = _ => 250 };
@@ -151,7 +151,7 @@ public static class ReplayBenchCommand
             var results = new List<ModeResult>();
             try
             {
-                await WarmUpAsync(runner, requestsToSend, Prompt, result.GetValue(warmup), cancellationToken).ConfigureAwait(false);
+                await WarmUpAsync(admin, runner, requestsToSend, Prompt, result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), Log, cancellationToken).ConfigureAwait(false);
                 foreach (var mode in modeList)
                 {
                     await admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = mode.PolicyJson, Comment = $"bench replay: {mode.Name}", SetBy = "dslactl bench replay" }, cancellationToken: cancellationToken).ConfigureAwait(false);
@@ -244,15 +244,22 @@ public static class ReplayBenchCommand
             ? uri
             : throw new ArgumentException($"--gateway: '{text}' is not an http:// or https:// URL.");
 
-    /// <summary>A few short requests so that JIT compilation and first allocations are not measured.</summary>
-    private static async Task WarmUpAsync(ReplayRunner runner, IReadOnlyList<TraceRequest> trace, Func<int, int[]> prompts, int count, CancellationToken cancellationToken)
+    /// <summary>
+    /// Replays the first <paramref name="count"/> requests of the trace at their arrival times with half the layers on
+    /// DSLA, unmeasured: fresh services are several times slower for their first tens of seconds (JIT tiering, allocator
+    /// growth), which would otherwise penalise whichever mode runs first. Both layer kinds run, so both paths are warm.
+    /// </summary>
+    private static async Task WarmUpAsync(ControllerAdmin.ControllerAdminClient admin, ReplayRunner runner, IReadOnlyList<TraceRequest> trace, Func<int, int[]> prompts, int count, TimeSpan settle, Action<string> log, CancellationToken cancellationToken)
     {
         if (count <= 0)
         {
             return;
         }
-        var warm = trace.Take(count).Select(r => r with { ArrivalSeconds = 0, GeneratedTokens = Math.Min(8, r.GeneratedTokens) }).ToList();
-        await runner.RunAsync("warm-up", warm, prompts, new Progress<ReplayProgress>(), cancellationToken).ConfigureAwait(false);
+        var mode = ReplayModes.Parse("dsla50", ReplayModes.ScaledDefault(1));
+        await admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = mode.PolicyJson, Comment = "bench replay: warm-up", SetBy = "dslactl bench replay" }, cancellationToken: cancellationToken).ConfigureAwait(false);
+        await SettleAsync(admin, mode, settle, log, cancellationToken).ConfigureAwait(false);
+        var warm = await WithProgressAsync("warm-up", Math.Min(count, trace.Count), progress => runner.RunAsync("warm-up", [.. trace.Take(count)], prompts, progress, cancellationToken), log).ConfigureAwait(false);
+        log(string.Create(CultureInfo.InvariantCulture, $"warm-up: {warm.Requests.Count(r => r.Outcome == "ok")} of {warm.Requests.Count} requests served in {warm.DurationSeconds:F0} s (not measured)"));
     }
 
     /// <summary>Waits until every service runs the mode's starting mix (static: its layers; adaptive: none) and is idle.</summary>
