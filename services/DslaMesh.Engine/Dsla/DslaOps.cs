@@ -63,6 +63,10 @@ public static class DslaOps
         using var scope = NewDisposeScope();
         var (b, hkv, g, t, dk, dv) = shape;
         var s = scale ?? 1.0 / Math.Sqrt(dk);
+        if (t == 1)
+        {
+            return SingleStep(q, k, v, logGates, initialStates, s, shape);
+        }
         var qs = q.to(ScalarType.Float32).reshape(b, hkv, g, t, dk) * s;   // [B, Hkv, G, T, dk]
         var k32 = k.to(ScalarType.Float32);                             // [B, Hkv, T, dk]
         var v32 = v.to(ScalarType.Float32);                             // [B, Hkv, T, dv]
@@ -95,6 +99,30 @@ public static class DslaOps
             state[i] = state[i].MoveToOuterDisposeScope();
         }
         return (outputs, state);
+    }
+
+    /// <summary>
+    /// One decode step (T = 1) of <see cref="Recurrent(Tensor, Tensor, Tensor, IReadOnlyList{Tensor}, IReadOnlyList{Tensor?}?, double?)"/>
+    /// without the per-step bookkeeping of the general loop: about half the tensor ops, which is what a decode step's
+    /// cost is made of (each op costs microseconds of host time, the arithmetic is tiny).
+    /// </summary>
+    private static (Tensor[] Outputs, Tensor[] States) SingleStep(
+        Tensor q, Tensor k, Tensor v, IReadOnlyList<Tensor> logGates, IReadOnlyList<Tensor?>? initialStates, double scale,
+        (long B, long Hkv, long Group, long T, long Dk, long Dv) shape)
+    {
+        var (b, hkv, g, _, dk, dv) = shape;
+        var query = q.Fp32().view(b, hkv, g, dk) * scale;                                      // [B, Hkv, G, dk]
+        var kv = k.Fp32().view(b, hkv, dk, 1) * v.Fp32().view(b, hkv, 1, dv);                    // k_tᵀ v_t: [B, Hkv, dk, dv]
+        var outputs = new Tensor[logGates.Count];
+        var states = new Tensor[logGates.Count];
+        for (var i = 0; i < logGates.Count; i++)
+        {
+            var decay = logGates[i].Fp32().view(b, hkv, dk, 1).exp();                               // [B, Hkv, dk, 1]
+            var state = initialStates?[i] is { } given ? given.Fp32() * decay + kv : kv;             // decay first, then add
+            states[i] = state.MoveToOuterDisposeScope();
+            outputs[i] = matmul(query, state).view(b, hkv * g, 1, dv).MoveToOuterDisposeScope();           // [B, Hq, 1, dv]
+        }
+        return (outputs, states);
     }
 
     /// <summary>
@@ -297,4 +325,11 @@ public static class DslaOps
     }
 
     private static string Shape(Tensor x) => "[" + string.Join(", ", x.shape) + "]";
+}
+
+/// <summary>Tensor helpers for the DSLA hot paths.</summary>
+internal static class DslaTensorExtensions
+{
+    /// <summary>The tensor in fp32: itself when it already is (a decode step is made of op launches; skip the no-op ones).</summary>
+    public static Tensor Fp32(this Tensor tensor) => tensor.dtype == ScalarType.Float32 ? tensor : tensor.to(ScalarType.Float32);
 }

@@ -251,7 +251,7 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     {
         ArgumentNullException.ThrowIfNull(preactivation);
         using var scope = NewDisposeScope();
-        var gate = nn.functional.logsigmoid(preactivation.to(ScalarType.Float32)) / GateLogitNormalizer;
+        var gate = nn.functional.logsigmoid(preactivation.Fp32()) / GateLogitNormalizer;
         return gate.clamp_min(GateClampMin).MoveToOuterDisposeScope();
     }
 

@@ -32,7 +32,7 @@ public sealed class HeadwiseGate : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor k)
     {
         using var scope = NewDisposeScope();
-        var z = matmul(k.to(ScalarType.Float32), _weight.to(ScalarType.Float32)) + _bias.to(ScalarType.Float32).unsqueeze(1);
+        var z = matmul(k.Fp32(), _weight.Fp32()) + _bias.Fp32().unsqueeze(1);
         return z.MoveToOuterDisposeScope();
     }
 
