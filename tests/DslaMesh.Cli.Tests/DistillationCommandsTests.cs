@@ -64,9 +64,9 @@ public sealed class DistillationCommandsTests : IDisposable
         Assert.Equal(0, code);
         Assert.Contains("Conversion order (lowest entropy first):", output, StringComparison.Ordinal);
 
-        // distill all three variants, a few steps each.
+        // distill all three variants, a few steps each, stored as float16.
         (code, output, error) = await RunAsync("distill", "--model", _model, "--data", _brown, "--variant", "all", "--steps-per-layer", "3", "--seq-len", "32",
-            "--batch", "2", "--kl-steps", "2", "--eval-windows", "2", "--warmup", "1");
+            "--batch", "2", "--kl-steps", "2", "--eval-windows", "2", "--warmup", "1", "--save-dtype", "float16");
         Assert.True(code == 0, output + error);
         Assert.Contains("Conversion order from", output, StringComparison.Ordinal);
         Assert.Contains("step 14/14", output, StringComparison.Ordinal);
@@ -75,10 +75,16 @@ public sealed class DistillationCommandsTests : IDisposable
         Assert.Equal(["dsla", "dsla-foldable", "gla"], manifest.Variants.Keys.Order());
         Assert.All(manifest.Variants.Values, v => Assert.Equal(manifest.Order, v.Order));
         Assert.All(manifest.Variants.Values, v => Assert.Equal(14, v.Steps));
+        foreach (var entry in manifest.Variants.Values)
+        {
+            // Weights in the asked storage type, the mixing scalars γ in fp32.
+            using var weights = DslaMesh.Engine.Checkpoints.SafeTensorsFile.Open(Path.Combine(_model, DslaManifest.FolderName, entry.File));
+            Assert.All(weights.Entries.Values, e => Assert.Equal(e.Name.EndsWith(".alpha_list", StringComparison.Ordinal) ? "F32" : "F16", e.DType));
+        }
 
         // --resume on finished variants skips them.
         (code, output, _) = await RunAsync("distill", "--model", _model, "--data", _brown, "--variant", "gla", "--steps-per-layer", "3", "--seq-len", "32",
-            "--batch", "2", "--kl-steps", "2", "--eval-windows", "2", "--warmup", "1", "--resume");
+            "--batch", "2", "--kl-steps", "2", "--eval-windows", "2", "--warmup", "1", "--save-dtype", "float16", "--resume");
         Assert.Equal(0, code);
         Assert.Contains("already distilled", output, StringComparison.Ordinal);
 

@@ -34,4 +34,20 @@ public sealed class DefaultModelTests
         var decodeLayers = json.RootElement.GetProperty("dsla").GetProperty("decode_dsla_layers").EnumerateArray().Select(e => e.GetInt32()).Order().ToArray();
         Assert.Equal(order.Take(4).Order().ToArray(), decodeLayers);
     }
+
+    [Fact]
+    public void Embedded_default_model_fits_32_MiB_and_every_shipped_variant_loads()
+    {
+        var embedded = Path.Combine(AppContext.BaseDirectory, "models", "default");
+        var bytes = Directory.GetFiles(embedded, "*", SearchOption.AllDirectories).Sum(f => new FileInfo(f).Length);
+        Assert.True(bytes <= 32L * 1024 * 1024, $"the default model takes {bytes / 1048576.0:F1} MiB; the limit is 32 MiB");
+        var manifest = DslaMesh.Engine.Dsla.DslaManifest.TryLoad(embedded)!;
+        Assert.Equal(["dsla", "dsla-foldable", "gla"], manifest.Variants.Keys.Order());
+        using var model = DslaMesh.Engine.Models.LoadedModel.Load(embedded, new DslaMesh.Engine.Backends.TorchBackendOptions { Device = "cpu" });
+        foreach (var variant in manifest.Variants.Keys)
+        {
+            Assert.True(model.AttachDsla(variant), variant);
+            Assert.Equal(8, model.Dsla!.Layers.Count);
+        }
+    }
 }

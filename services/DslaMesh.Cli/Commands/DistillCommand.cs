@@ -41,6 +41,8 @@ public static class DistillCommand
         var gradClip = new Option<double>("--grad-clip") { Description = "Global gradient-norm clip.", DefaultValueFactory = _ => defaults.GradClip };
         var evalWindows = new Option<int>("--eval-windows") { Description = "Held-out windows each layer's loss and the KL are measured on.", DefaultValueFactory = _ => defaults.EvalWindows };
         var seed = new Option<long>("--seed") { Description = "Seed for the DSLA initialisation (layer i: seed + i) and the training windows.", DefaultValueFactory = _ => defaults.Seed };
+        var saveDType = new Option<string>("--save-dtype") { Description = "Storage type of the weights written at the end: float32, float16 or bfloat16 (γ stays fp32).", DefaultValueFactory = _ => defaults.SaveDType };
+        saveDType.AcceptOnlyFromAmong("float32", "float16", "bfloat16");
         var samples = new Option<int>("--samples") { Description = "When the manifest has no order: held-out windows for the sensitivity measurement.", DefaultValueFactory = _ => SensitivityCommand.DefaultSamples };
         var sensitivityLen = new Option<int>("--sensitivity-seq-len") { Description = "When the manifest has no order: tokens per sensitivity window.", DefaultValueFactory = _ => SensitivityCommand.DefaultSeqLen };
         var resume = new Option<bool>("--resume") { Description = "Continue each variant's checkpoint (its recipe is used; explicit options must agree); variants already distilled with this recipe are skipped." };
@@ -54,7 +56,7 @@ public static class DistillCommand
         var recipeOptions = new Option[] { steps, layers, seqLen, batch, lr, minLr, warmup, gateWeight, klSteps, klLr, weightDecay, gradClip, evalWindows, seed };
         var command = new Command("distill", "Distil DSLA layers from the teacher layer by layer in sensitivity order (chained), then fine-tune them end to end on logit KL.");
         foreach (var option in new Option[] { model, variant, data, device, libTorch, threads }.Concat(recipeOptions)
-            .Concat(new Option[] { samples, sensitivityLen, resume, stopAfter, logEvery, microBatch, checkpointEvery, deterministic, tf32 }))
+            .Concat(new Option[] { saveDType, samples, sensitivityLen, resume, stopAfter, logEvery, microBatch, checkpointEvery, deterministic, tf32 }))
         {
             command.Options.Add(option);
         }
@@ -78,6 +80,7 @@ public static class DistillCommand
                 GradClip = result.GetValue(gradClip),
                 EvalWindows = result.GetValue(evalWindows),
                 Seed = result.GetValue(seed),
+                SaveDType = result.GetValue(saveDType)!,
             };
             var backend = new TorchBackendOptions
             {

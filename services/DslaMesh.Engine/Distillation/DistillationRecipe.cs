@@ -58,8 +58,23 @@ public sealed record DistillationRecipe
     /// <summary>Seeds the DSLA initialisation (layer i uses seed + i) and the training windows.</summary>
     [JsonPropertyName("seed")] public long Seed { get; init; } = 1234;
 
+    /// <summary>
+    /// Storage type of the weights file written at the end: float32, float16 or bfloat16 (training is fp32 whatever it
+    /// is; the mixing scalars γ stay fp32). Checkpoints for resuming are always fp32.
+    /// </summary>
+    [JsonPropertyName("save_dtype")] public string SaveDType { get; init; } = "float32";
+
     /// <summary>The parsed variant.</summary>
     [JsonIgnore] public DslaVariant ParsedVariant => DslaVariants.Parse(Variant);
+
+    /// <summary>The parsed <see cref="SaveDType"/>.</summary>
+    [JsonIgnore] public TorchSharp.torch.ScalarType ParsedSaveDType => SaveDType switch
+    {
+        "float32" => TorchSharp.torch.ScalarType.Float32,
+        "float16" => TorchSharp.torch.ScalarType.Float16,
+        "bfloat16" => TorchSharp.torch.ScalarType.BFloat16,
+        _ => throw new ArgumentException($"--save-dtype must be float32, float16 or bfloat16, got '{SaveDType}'."),
+    };
 
     /// <summary>Steps in the whole run for a model whose conversion order has <paramref name="orderLength"/> layers.</summary>
     public int TotalSteps(int orderLength) => (LayerCount(orderLength) * StepsPerLayer) + KlSteps;
@@ -91,6 +106,7 @@ public sealed record DistillationRecipe
         Require(WeightDecay >= 0, "--weight-decay must not be negative.");
         Require(GradClip > 0, "--grad-clip must be positive.");
         Require(EvalWindows >= 1, "--eval-windows must be positive.");
+        Require(SaveDType is "float32" or "float16" or "bfloat16", $"--save-dtype must be float32, float16 or bfloat16, got '{SaveDType}'.");
     }
 }
 

@@ -602,7 +602,7 @@ public sealed class LayerDistiller
         var fileName = WeightsFileName(variant);
         var weightsPath = Path.Combine(folder, fileName);
         var temp = weightsPath + ".tmp";
-        set.Save(temp);
+        set.Save(temp, _recipe.ParsedSaveDType);
         File.Move(temp, weightsPath, overwrite: true);
 
         var entry = new DslaVariantEntry

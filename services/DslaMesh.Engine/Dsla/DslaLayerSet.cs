@@ -180,7 +180,7 @@ public sealed partial class DslaLayerSet : IDisposable
     /// Writes the replacement weights to one safetensors file, in their dtype, with metadata: format, variant, layers and
     /// the attention shapes (checked on load). The foldable variant's k/v are the teacher's and are not written.
     /// </summary>
-    public void Save(string path)
+    public void Save(string path, ScalarType? storage = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
         var config = Model.Config;
@@ -194,8 +194,18 @@ public sealed partial class DslaLayerSet : IDisposable
             ["num_key_value_heads"] = config.NumKeyValueHeads.ToString(CultureInfo.InvariantCulture),
             ["head_dim"] = config.HeadDim.ToString(CultureInfo.InvariantCulture),
         };
-        SafeTensorsFile.Write(path, CheckpointTensors(), metadata);
+        using var scope = NewDisposeScope();
+        var tensors = CheckpointTensors();
+        if (storage is { } dtype)
+        {
+            // The mixing scalars γ stay fp32: rounding them would move every mixed output.
+            tensors = tensors.ToDictionary(p => p.Key, p => p.Key.EndsWith("." + MixingParameterName, StringComparison.Ordinal) || p.Value.dtype == dtype ? p.Value : p.Value.detach().to(dtype), StringComparer.Ordinal);
+        }
+        SafeTensorsFile.Write(path, tensors, metadata);
     }
+
+    /// <summary>The name of the per-layer mixing parameter (γ's logits), kept fp32 by <see cref="Save"/>.</summary>
+    public const string MixingParameterName = "alpha_list";
 
     /// <summary>
     /// Loads a file written by <see cref="Save"/> for <paramref name="model"/>: builds and attaches one replacement per
