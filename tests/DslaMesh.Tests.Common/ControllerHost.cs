@@ -4,7 +4,6 @@ using DslaMesh.Protos.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
 
@@ -50,18 +49,8 @@ public sealed class ControllerHost : IAsyncDisposable
     /// <summary>Starts a controller and waits until its first tick has reached Redis.</summary>
     public static async Task<ControllerHost> StartAsync(string redis, string prefix, IDictionary<string, string?>? settings = null)
     {
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing", ContentRootPath = AppContext.BaseDirectory });
-        var port = RedisServer.FreePort();
-        var grpcPort = RedisServer.FreePort();
-        builder.Logging.ClearProviders();
-        var log = new ErrorLog();
-        builder.Logging.AddProvider(log);
-        var values = new Dictionary<string, string?>
+        var (builder, address, grpcAddress) = LoopbackHost.CreateBuilder("Http1", _ => new Dictionary<string, string?>
         {
-            ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{port}",
-            ["Kestrel:Endpoints:Http:Protocols"] = "Http1",
-            ["Kestrel:Endpoints:Grpc:Url"] = $"http://127.0.0.1:{grpcPort}",
-            ["Kestrel:Endpoints:Grpc:Protocols"] = "Http2",
             ["Controller:AdminToken"] = Token,
             ["Controller:TickPeriod"] = "00:00:00.050",
             ["Controller:ReconnectDelay"] = "00:00:00.050",
@@ -70,17 +59,14 @@ public sealed class ControllerHost : IAsyncDisposable
             ["Redis:Configuration"] = redis,
             ["Redis:Prefix"] = prefix,
             ["Redis:CommandTimeout"] = "00:00:00.500",
-        };
-        foreach (var (key, value) in settings ?? new Dictionary<string, string?>())
-        {
-            values[key] = value;
-        }
-        builder.Configuration.AddInMemoryCollection(values);
+        }, settings);
+        var log = new ErrorLog();
+        builder.Logging.AddProvider(log);
         builder.AddController();
         var app = builder.Build();
         app.MapController();
         await app.StartAsync().ConfigureAwait(false);
-        return new ControllerHost(app, new Uri($"http://127.0.0.1:{port}"), new Uri($"http://127.0.0.1:{grpcPort}"), log);
+        return new ControllerHost(app, address, grpcAddress, log);
     }
 
     /// <summary>dslactl's common arguments for this controller.</summary>

@@ -4,9 +4,7 @@ using DslaMesh.Protos.V1;
 using Grpc.Core;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Logging;
 using Yarp.ReverseProxy;
 
 namespace DslaMesh.Tests.Common;
@@ -48,16 +46,8 @@ public sealed class GatewayHost : IAsyncDisposable
 
     public static async Task<GatewayHost> StartAsync(string redis, string prefix, IDictionary<string, string?>? settings = null)
     {
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing", ContentRootPath = AppContext.BaseDirectory });
-        builder.Logging.ClearProviders();
-        var port = RedisServer.FreePort();
-        var grpcPort = RedisServer.FreePort();
-        var values = new Dictionary<string, string?>
+        var (builder, address, grpcAddress) = LoopbackHost.CreateBuilder("Http1AndHttp2", _ => new Dictionary<string, string?>
         {
-            ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{port}",
-            ["Kestrel:Endpoints:Http:Protocols"] = "Http1AndHttp2",
-            ["Kestrel:Endpoints:Grpc:Url"] = $"http://127.0.0.1:{grpcPort}",
-            ["Kestrel:Endpoints:Grpc:Protocols"] = "Http2",
             ["Redis:Configuration"] = redis,
             ["Redis:Prefix"] = prefix,
             ["Gateway:ApiKeys:0:Name"] = "alpha",
@@ -70,18 +60,13 @@ public sealed class GatewayHost : IAsyncDisposable
             ["Gateway:ApiKeys:1:Burst"] = "2",
             ["Gateway:MaxRequestBodyBytes"] = "65536",
             ["Gateway:Health:ActiveInterval"] = "00:00:00.500",
-        };
-        foreach (var (key, value) in settings ?? new Dictionary<string, string?>())
-        {
-            values[key] = value;
-        }
-        builder.Configuration.AddInMemoryCollection(values);
+        }, settings);
         builder.AddGateway();
         var app = builder.Build();
         app.MapGateway();
         await app.StartAsync().ConfigureAwait(false);
         await app.Services.GetRequiredService<FleetDiscovery>().FirstRefresh.WaitAsync(TimeSpan.FromSeconds(30)).ConfigureAwait(false);
-        return new GatewayHost(app, new Uri($"http://127.0.0.1:{port}"), new Uri($"http://127.0.0.1:{grpcPort}"));
+        return new GatewayHost(app, address, grpcAddress);
     }
 
     /// <summary>The replica ids YARP currently routes to in a cluster.</summary>

@@ -2,9 +2,7 @@ using DslaMesh.ModelService.Hosting;
 using DslaMesh.Protos.V1;
 using Grpc.Net.Client;
 using Microsoft.AspNetCore.Builder;
-using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Logging;
 
 namespace DslaMesh.Tests.Common;
 
@@ -37,33 +35,20 @@ public sealed class ModelServiceHost : IAsyncDisposable
     /// <summary>Starts a service for a model folder and waits until the model is loaded.</summary>
     public static async Task<ModelServiceHost> StartAsync(string modelPath, string? redis, IDictionary<string, string?>? settings = null)
     {
-        var builder = WebApplication.CreateBuilder(new WebApplicationOptions { EnvironmentName = "Testing", ContentRootPath = AppContext.BaseDirectory });
-        var port = RedisServer.FreePort();
-        var grpcPort = RedisServer.FreePort();
-        builder.Logging.ClearProviders();
-        var values = new Dictionary<string, string?>
+        var (builder, address, grpcAddress) = LoopbackHost.CreateBuilder("Http1AndHttp2", port => new Dictionary<string, string?>
         {
-            ["Kestrel:Endpoints:Http:Url"] = $"http://127.0.0.1:{port}",
-            ["Kestrel:Endpoints:Http:Protocols"] = "Http1AndHttp2",
-            ["Kestrel:Endpoints:Grpc:Url"] = $"http://127.0.0.1:{grpcPort}",
-            ["Kestrel:Endpoints:Grpc:Protocols"] = "Http2",
             ["ModelService:ModelPath"] = modelPath,
             ["ModelService:ServiceId"] = $"test-{port}",
             ["ModelService:DrainTimeout"] = "00:00:10",
             ["ModelService:Engine:PrefillChunkTokens"] = "8",
             ["Redis:Configuration"] = redis ?? "",
             ["Redis:PublishPeriod"] = "00:00:00.100",
-        };
-        foreach (var (key, value) in settings ?? new Dictionary<string, string?>())
-        {
-            values[key] = value;
-        }
-        builder.Configuration.AddInMemoryCollection(values);
+        }, settings);
         builder.AddModelService();
         var app = builder.Build();
         app.MapModelService();
         await app.StartAsync().ConfigureAwait(false);
-        var host = new ModelServiceHost(app, new Uri($"http://127.0.0.1:{port}"), new Uri($"http://127.0.0.1:{grpcPort}"));
+        var host = new ModelServiceHost(app, address, grpcAddress);
         await host.Model.Ready.WaitAsync(TimeSpan.FromSeconds(60)).ConfigureAwait(false);
         return host;
     }

@@ -21,6 +21,8 @@ public sealed class RedisServer : IAsyncDisposable
     /// <summary>StackExchange.Redis configuration string.</summary>
     public string Configuration => $"127.0.0.1:{Port}";
 
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<int, byte> HandedOut = new();
+
     /// <summary>Starts a server and waits until it answers PING.</summary>
     public static async Task<RedisServer> StartAsync(int? port = null, CancellationToken cancellationToken = default)
     {
@@ -76,12 +78,22 @@ public sealed class RedisServer : IAsyncDisposable
         }
     }
 
-    /// <summary>A free TCP port on 127.0.0.1.</summary>
+    /// <summary>
+    /// A free TCP port on 127.0.0.1, never one handed out before in this process: tests run in parallel and bind their
+    /// ports a little later, and the kernel may offer a just-released port again in between.
+    /// </summary>
     public static int FreePort()
     {
-        using var listener = new TcpListener(IPAddress.Loopback, 0);
-        listener.Start();
-        return ((IPEndPoint)listener.LocalEndpoint).Port;
+        while (true)
+        {
+            using var listener = new TcpListener(IPAddress.Loopback, 0);
+            listener.Start();
+            var port = ((IPEndPoint)listener.LocalEndpoint).Port;
+            if (HandedOut.TryAdd(port, 0))
+            {
+                return port;
+            }
+        }
     }
 
     private static string? FindExecutable() =>
