@@ -8,12 +8,17 @@ namespace DslaMesh.Gateway.Tests;
 /// <summary>A replica dies with streams in flight: those streams end with retryable errors, new requests go elsewhere.</summary>
 public sealed class FailoverTests
 {
+    private const int LongTokens = 4000;
+
     [Fact]
     public async Task Killed_replica_ends_its_streams_with_retryable_errors_and_new_requests_go_to_the_other()
     {
         var ct = TestContext.Current.CancellationToken;
         await using var redis = await RedisServer.StartAsync(cancellationToken: ct);
-        var starting = new[] { "survivor", "victim" }.Select(id => ModelServiceProcess.StartAsync(id, redis.Configuration, "failover", cancellationToken: ct)).ToArray();
+        // Streams of 4000 tokens: long enough to be cut off by the kill however fast the replica decodes.
+        var model = ModelServiceProcess.LongContextModel();
+        using var cleanup = new DeleteOnDispose(model);
+        var starting = new[] { "survivor", "victim" }.Select(id => ModelServiceProcess.StartAsync(id, redis.Configuration, "failover", modelPath: model, cancellationToken: ct)).ToArray();
         await using var survivor = await starting[0];
         await using var victim = await starting[1];
         await using var gateway = await GatewayHost.StartAsync(redis.Configuration, "failover");
@@ -27,12 +32,12 @@ public sealed class FailoverTests
             var first = new TaskCompletionSource<string?>(TaskCreationOptions.RunContinuationsAsynchronously);
             if (i % 2 == 0)
             {
-                var result = Clients.SseAsync(gateway.Http, new { prompt = new[] { 5, 6, 7 }, max_tokens = 250, temperature = 0, ignore_eos = true, stream = true }, ct, first);
+                var result = Clients.SseAsync(gateway.Http, new { prompt = new[] { 5, 6, 7 }, max_tokens = LongTokens, temperature = 0, ignore_eos = true, stream = true }, ct, first);
                 sse.Add((result, await first.Task.WaitAsync(TimeSpan.FromSeconds(30), ct)));
             }
             else
             {
-                var result = Clients.GrpcAsync(gateway.Generation, Clients.Request(250), GatewayHost.WithKey(ct), first);
+                var result = Clients.GrpcAsync(gateway.Generation, Clients.Request(LongTokens), GatewayHost.WithKey(ct), first);
                 grpc.Add((result, await first.Task.WaitAsync(TimeSpan.FromSeconds(30), ct)));
             }
         }
@@ -69,7 +74,7 @@ public sealed class FailoverTests
             else
             {
                 Assert.Null(result.Error);
-                Assert.Equal(250, result.Tokens.Count);
+                Assert.Equal(LongTokens, result.Tokens.Count);
             }
         }
         Assert.True(sse.Any(s => s.Replica == victim.Id && s.Result.Result.Error.HasValue) || grpc.Any(g => g.Replica == victim.Id && g.Result.Result.Error is not null),
@@ -176,4 +181,10 @@ public sealed class FailoverTests
         Assert.Null(drained.Error);
         await stopping;
     }
+}
+
+/// <summary>Deletes a temporary folder at the end of a test.</summary>
+internal sealed class DeleteOnDispose(string folder) : IDisposable
+{
+    public void Dispose() => Directory.Delete(folder, recursive: true);
 }

@@ -153,6 +153,10 @@ public sealed class GatewayProxyTests : IClassFixture<MeshFixture>
         Assert.Equal(HttpStatusCode.RequestEntityTooLarge, response.StatusCode);
         Assert.Equal("request_too_large", (await response.Content.ReadFromJsonAsync<JsonElement>(ct)).GetProperty("error").GetProperty("code").GetString());
         Assert.False(response.Headers.Contains("x-dslamesh-replica"));
+        // The unread body makes the connection unusable: the answer says so, and the next request still succeeds.
+        Assert.True(response.Headers.ConnectionClose, "413 without Connection: close");
+        var next = await _mesh.Gateway.Http.PostAsJsonAsync("/v1/completions", new { prompt = "hi", max_tokens = 1 }, ct);
+        Assert.Equal(HttpStatusCode.OK, next.StatusCode);
     }
 
     [Fact]
@@ -162,7 +166,7 @@ public sealed class GatewayProxyTests : IClassFixture<MeshFixture>
         await using var redis = await ConnectionMultiplexer.ConnectAsync(_mesh.Redis.Configuration);
         var db = redis.GetDatabase();
         var key = FleetKeys.Service(_mesh.Prefix, "replica-c");
-        await using var c = await ModelServiceProcess.StartAsync("replica-c", _mesh.Redis.Configuration, _mesh.Prefix, modelName: "mesh-c", ct);
+        await using var c = await ModelServiceProcess.StartAsync("replica-c", _mesh.Redis.Configuration, _mesh.Prefix, modelName: "mesh-c", cancellationToken: ct);
 
         // Appear: from the registration landing in Redis to requests for its model being answered by it.
         var registered = await WaitAsync(() => db.KeyExists(key), ct);

@@ -46,8 +46,24 @@ public sealed class ModelServiceProcess : IAsyncDisposable
     /// <summary>The fixture model every gateway test serves.</summary>
     public static string ModelPath => RepoPaths.LlamaFixture("llama-gqa-untied");
 
+    /// <summary>
+    /// A copy of the fixture model with a 4096-position context (RoPE is computed for any length; the weights do not
+    /// change), so streams can outlast the few hundred milliseconds the 256-position fixture needs for a full answer.
+    /// </summary>
+    public static string LongContextModel()
+    {
+        var folder = Directory.CreateTempSubdirectory("dslamesh-long-").FullName;
+        foreach (var file in Directory.GetFiles(ModelPath))
+        {
+            File.Copy(file, Path.Combine(folder, Path.GetFileName(file)));
+        }
+        var config = Path.Combine(folder, "config.json");
+        File.WriteAllText(config, File.ReadAllText(config).Replace("\"max_position_embeddings\": 256", "\"max_position_embeddings\": 4096", StringComparison.Ordinal));
+        return folder;
+    }
+
     /// <summary>Starts a replica registered in Redis under a prefix, and waits until /health answers 200.</summary>
-    public static async Task<ModelServiceProcess> StartAsync(string id, string redis, string prefix, string? modelName = null, CancellationToken cancellationToken = default)
+    public static async Task<ModelServiceProcess> StartAsync(string id, string redis, string prefix, string? modelName = null, string? modelPath = null, CancellationToken cancellationToken = default)
     {
         var port = RedisServer.FreePort();
         var grpcPort = RedisServer.FreePort();
@@ -63,7 +79,7 @@ public sealed class ModelServiceProcess : IAsyncDisposable
             ["Kestrel__Endpoints__Http__Protocols"] = "Http1AndHttp2",
             ["Kestrel__Endpoints__Grpc__Url"] = $"http://127.0.0.1:{grpcPort}",
             ["Kestrel__Endpoints__Grpc__Protocols"] = "Http2",
-            ["ModelService__ModelPath"] = ModelPath,
+            ["ModelService__ModelPath"] = modelPath ?? ModelPath,
             ["ModelService__ServiceId"] = id,
             ["ModelService__DrainTimeout"] = "00:00:05",
             ["ModelService__Backend__CpuThreads"] = "1",

@@ -104,7 +104,7 @@ public sealed partial class MeshProxyMiddleware
         var request = context.Request;
         if (request.ContentLength > _options.MaxRequestBodyBytes)
         {
-            await GatewayResponses.WriteAsync(context, GatewayError.TooLarge, $"The request body is larger than the gateway's limit of {_options.MaxRequestBodyBytes} bytes.").ConfigureAwait(false);
+            await RejectTooLargeAsync(context).ConfigureAwait(false);
             return null;
         }
         byte[] bytes;
@@ -127,7 +127,7 @@ public sealed partial class MeshProxyMiddleware
         }
         catch (BadHttpRequestException e) when (e.StatusCode == StatusCodes.Status413PayloadTooLarge)
         {
-            await GatewayResponses.WriteAsync(context, GatewayError.TooLarge, $"The request body is larger than the gateway's limit of {_options.MaxRequestBodyBytes} bytes.").ConfigureAwait(false);
+            await RejectTooLargeAsync(context).ConfigureAwait(false);
             return null;
         }
         catch (Exception e) when (e is OperationCanceledException or IOException or BadHttpRequestException)
@@ -143,6 +143,24 @@ public sealed partial class MeshProxyMiddleware
         var body = new MemoryStream(bytes, 0, length, writable: false, publiclyVisible: true);
         request.Body = body;
         return body;
+    }
+
+    /// <summary>
+    /// 413 for a body over the limit. The body is left unread, so the HTTP/1.1 connection is closed after the answer
+    /// (<c>Connection: close</c>): a client must not send its next request on a connection whose previous body the
+    /// server abandoned, or that request meets a connection closing under it.
+    /// </summary>
+    private Task RejectTooLargeAsync(HttpContext context)
+    {
+        if (HttpProtocol.IsHttp11(context.Request.Protocol) || HttpProtocol.IsHttp10(context.Request.Protocol))
+        {
+            context.Response.OnStarting(() =>
+            {
+                context.Response.Headers.Connection = "close";
+                return Task.CompletedTask;
+            });
+        }
+        return GatewayResponses.WriteAsync(context, GatewayError.TooLarge, $"The request body is larger than the gateway's limit of {_options.MaxRequestBodyBytes} bytes.");
     }
 
     private static IReadOnlyList<DestinationState> Untried(ClusterState cluster, List<string>? tried)
