@@ -128,7 +128,6 @@ public static class ReplayBenchCommand
                 await error.WriteLineAsync("error: the controller knows no model services; start them first (deploy/local/run.sh)").ConfigureAwait(false);
                 return ExitCodes.ServiceError;
             }
-            var previous = await admin.GetPolicyAsync(new GetPolicyRequest(), cancellationToken: cancellationToken).ConfigureAwait(false);
             var runner = new ReplayRunner(generation, key, admin, TimeProvider.System, TimeSpan.FromMilliseconds(Math.Max(20, result.GetValue(sampleMs))), TimeSpan.FromSeconds(result.GetValue(requestTimeout)));
             var slo = new ServiceLevelObjective(result.GetValue(sloTtft), result.GetValue(sloTpot));
             var setup = new ReplaySetup
@@ -148,30 +147,16 @@ public static class ReplayBenchCommand
             };
             Log(string.Create(CultureInfo.InvariantCulture, $"replaying {setup.Requests} requests ({setup.Trace}) at {setup.OfferedRatePerSecond:F2}/s against {setup.Services.Count} service(s), modes {string.Join(", ", modeList.Select(m => m.Name))}"));
 
-            var results = new List<ModeResult>();
+            var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo), Log, WithProgressAsync);
+            IReadOnlyList<ModeResult> results;
             try
             {
-                await WarmUpAsync(admin, runner, requestsToSend, Prompt, result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), Log, cancellationToken).ConfigureAwait(false);
-                foreach (var mode in modeList)
-                {
-                    await admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = mode.PolicyJson, Comment = $"bench replay: {mode.Name}", SetBy = "dslactl bench replay" }, cancellationToken: cancellationToken).ConfigureAwait(false);
-                    await SettleAsync(admin, mode, TimeSpan.FromSeconds(result.GetValue(settle)), Log, cancellationToken).ConfigureAwait(false);
-                    var run = await WithProgressAsync(mode.Name, requestsToSend.Count, progress => runner.RunAsync(mode.Name, requestsToSend, Prompt, progress, cancellationToken), Log).ConfigureAwait(false);
-                    var summary = ModeSummary.Of(mode, run, slo);
-                    results.Add(new ModeResult(summary, run.Requests, run.Mix));
-                    Log(string.Create(CultureInfo.InvariantCulture, $"{mode.Name}: {summary.Completed} done, {summary.Rejected} rejected, {summary.Failed} failed; per-token latency mean {summary.LatencyPerToken?.Mean:F1} ms; {summary.Conversions} conversions, {summary.Reverts} reverts"));
-                }
+                results = await benchmark.RunAsync(modeList, requestsToSend, Prompt, cancellationToken).ConfigureAwait(false);
             }
             catch (TimeoutException e)
             {
                 await error.WriteLineAsync($"error: {e.Message}").ConfigureAwait(false);
                 return ExitCodes.ServiceError;
-            }
-            finally
-            {
-                // Leave the fleet as it was found (as a new policy version), also after Ctrl-C or a failure.
-                using var restore = new CancellationTokenSource(TimeSpan.FromSeconds(10));
-                await admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = previous.PolicyJson, Comment = $"bench replay: restore version {previous.Version}", SetBy = "dslactl bench replay" }, cancellationToken: restore.Token).ConfigureAwait(false);
             }
 
             if (result.GetValue(pplTokens) is var tokens and > 0)
@@ -243,48 +228,6 @@ public static class ReplayBenchCommand
         Uri.TryCreate(text, UriKind.Absolute, out var uri) && uri.Scheme is "http" or "https"
             ? uri
             : throw new ArgumentException($"--gateway: '{text}' is not an http:// or https:// URL.");
-
-    /// <summary>
-    /// Replays the first <paramref name="count"/> requests of the trace at their arrival times with half the layers on
-    /// DSLA, unmeasured: fresh services are several times slower for their first tens of seconds (JIT tiering, allocator
-    /// growth), which would otherwise penalise whichever mode runs first. Both layer kinds run, so both paths are warm.
-    /// </summary>
-    private static async Task WarmUpAsync(ControllerAdmin.ControllerAdminClient admin, ReplayRunner runner, IReadOnlyList<TraceRequest> trace, Func<int, int[]> prompts, int count, TimeSpan settle, Action<string> log, CancellationToken cancellationToken)
-    {
-        if (count <= 0)
-        {
-            return;
-        }
-        var mode = ReplayModes.Parse("dsla50", ReplayModes.ScaledDefault(1));
-        await admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = mode.PolicyJson, Comment = "bench replay: warm-up", SetBy = "dslactl bench replay" }, cancellationToken: cancellationToken).ConfigureAwait(false);
-        await SettleAsync(admin, mode, settle, log, cancellationToken).ConfigureAwait(false);
-        var warm = await WithProgressAsync("warm-up", Math.Min(count, trace.Count), progress => runner.RunAsync("warm-up", [.. trace.Take(count)], prompts, progress, cancellationToken), log).ConfigureAwait(false);
-        log(string.Create(CultureInfo.InvariantCulture, $"warm-up: {warm.Requests.Count(r => r.Outcome == "ok")} of {warm.Requests.Count} requests served in {warm.DurationSeconds:F0} s (not measured)"));
-    }
-
-    /// <summary>Waits until every service runs the mode's starting mix (static: its layers; adaptive: none) and is idle.</summary>
-    private static async Task SettleAsync(ControllerAdmin.ControllerAdminClient admin, ReplayMode mode, TimeSpan within, Action<string> log, CancellationToken cancellationToken)
-    {
-        var deadline = DateTime.UtcNow + within;
-        while (true)
-        {
-            var status = await admin.GetStatusAsync(new GetStatusRequest(), cancellationToken: cancellationToken).ConfigureAwait(false);
-            var pending = status.Services.Where(s =>
-                s.DslaLayers.Count != ReplayModes.StaticLayers(mode.StaticFraction ?? 0, s.LayerCount)
-                || !s.DesiredDslaLayers.Order().SequenceEqual(s.DslaLayers.Order())
-                || s.QueueDepth > 0 || s.Running > 0).ToList();
-            if (pending.Count == 0)
-            {
-                log($"{mode.Name}: every service is at its starting mix ({mode.Description})");
-                return;
-            }
-            if (DateTime.UtcNow > deadline)
-            {
-                throw new TimeoutException($"{mode.Name}: after {within.TotalSeconds:F0} s {string.Join(", ", pending.Select(s => $"{s.Id} runs {s.DslaLayers.Count} DSLA layers (wants {ReplayModes.StaticLayers(mode.StaticFraction ?? 0, s.LayerCount)}), queue {s.QueueDepth}, running {s.Running}"))}");
-            }
-            await Task.Delay(200, cancellationToken).ConfigureAwait(false);
-        }
-    }
 
     /// <summary>A progress bar on an interactive terminal, a line every 10 s otherwise.</summary>
     private static async Task<ReplayRun> WithProgressAsync(string mode, int total, Func<IProgress<ReplayProgress>, Task<ReplayRun>> body, Action<string> log)
