@@ -1,5 +1,6 @@
 using System.Text.Json;
 using DslaMesh.Controller.Hosting;
+using DslaMesh.Controller.Metrics;
 using DslaMesh.Controller.Policies;
 using DslaMesh.Fleet;
 using DslaMesh.Policy;
@@ -35,6 +36,7 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
     private readonly TimeProvider _time;
     private readonly ILogger<FleetController> _logger;
     private readonly ILoggerFactory _loggers;
+    private readonly ControllerMetrics _metrics;
     private readonly Lock _gate = new();
     private readonly Dictionary<string, TrackedService> _services = new(StringComparer.Ordinal);
     private readonly SemaphoreSlim _issue = new(1, 1);
@@ -42,8 +44,9 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
     private bool _redisDown;
     private bool _wasLeader;
 
-    public FleetController(RedisConnection redis, EpochFence fence, PolicyStore policies, IOptions<ControllerOptions> options, TimeProvider time, ILoggerFactory loggers)
+    public FleetController(RedisConnection redis, EpochFence fence, PolicyStore policies, IOptions<ControllerOptions> options, TimeProvider time, ILoggerFactory loggers, ControllerMetrics metrics)
     {
+        _metrics = metrics;
         _redis = redis;
         _fence = fence;
         _policies = policies;
@@ -403,12 +406,16 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
                 {
                     entry.NeedsResync = true;
                 }
-                var changed = !Same(entry.Desired, decision.DslaLayers);
                 entry.Desired = decision.DslaLayers;
-                send = (changed || entry.NeedsResync) && entry.Connection?.IsConnected == true;
+                // Compare with what was last issued, not with the previous wish: a change decided while the stream was
+                // down, or between a reconnect's re-send and the stream counting as connected, must still go out once
+                // the stream is up (it used to be dropped, leaving the service on the re-sent layers for good).
+                var unsent = entry.IssuedLayers is not { } issued || !Same(issued, entry.Desired);
+                send = (unsent || entry.NeedsResync) && entry.Connection?.IsConnected == true;
             }
             if (decision.Action != DecisionAction.Hold)
             {
+                _metrics.OnDecision(decision.Action);
                 Log.Decision(_logger, entry.Id, decision.Action, string.Join(",", decision.Changed), string.Join(",", decision.DslaLayers), policy.Version, decision.Reason);
             }
             if (send && await IssueAsync(entry).ConfigureAwait(false) is null)
@@ -516,6 +523,10 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
                 return;
             }
             entry.Observed = state;
+            if (state.CommandEpoch > 0)
+            {
+                _metrics.OnAnswer(state.Accepted);
+            }
             if (!state.Accepted && state.CommandEpoch > 0)
             {
                 Log.Rejected(_logger, serviceId, state.CommandEpoch, state.Reason);

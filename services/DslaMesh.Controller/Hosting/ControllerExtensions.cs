@@ -1,10 +1,12 @@
 using DslaMesh.Controller.Admin;
 using DslaMesh.Controller.Control;
 using DslaMesh.Controller.Hosting;
+using DslaMesh.Controller.Metrics;
 using DslaMesh.Controller.Policies;
 using Microsoft.AspNetCore.Diagnostics.HealthChecks;
 using Microsoft.Extensions.DependencyInjection.Extensions;
 using Microsoft.Extensions.Diagnostics.HealthChecks;
+using Prometheus;
 
 namespace Microsoft.Extensions.DependencyInjection;
 
@@ -24,6 +26,7 @@ public static class ControllerExtensions
         services.TryAddSingleton<RedisConnection>();
         services.TryAddSingleton<EpochFence>();
         services.TryAddSingleton<PolicyStore>();
+        services.TryAddSingleton<ControllerMetrics>();
         services.TryAddSingleton<FleetController>();
         services.AddHostedService(sp => sp.GetRequiredService<FleetController>());
         services.TryAddSingleton<AdminTokenInterceptor>();
@@ -33,12 +36,17 @@ public static class ControllerExtensions
         return builder;
     }
 
-    /// <summary>The admin gRPC service, gRPC health and <c>/health</c>.</summary>
+    /// <summary>The admin gRPC service, gRPC health, <c>/health</c> and Prometheus <c>/metrics</c>.</summary>
     public static WebApplication MapController(this WebApplication app)
     {
         ArgumentNullException.ThrowIfNull(app);
         app.MapGrpcService<AdminGrpcService>();
         app.MapGrpcHealthChecksService();
+        var metrics = app.Services.GetRequiredService<ControllerMetrics>();
+        var fleet = app.Services.GetRequiredService<FleetController>();
+        var policies = app.Services.GetRequiredService<PolicyStore>();
+        metrics.Registry.AddBeforeCollectCallback(() => metrics.Refresh(fleet.IsLeader, fleet.RedisHealthy, policies.Current.Version, fleet.Snapshot()));
+        app.MapMetrics("/metrics", metrics.Registry);
         app.MapHealthChecks("/health", new HealthCheckOptions
         {
             ResultStatusCodes =

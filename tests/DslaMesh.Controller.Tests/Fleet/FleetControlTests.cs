@@ -165,6 +165,35 @@ public sealed class FleetControlTests
     }
 
     [Fact]
+    public async Task Prometheus_metrics_show_leadership_each_services_layers_and_the_decisions_made()
+    {
+        var ct = TestContext.Current.CancellationToken;
+        await using var fleet = await TestFleet.StartAsync(_model.ModelPath, services: 1, policyJson: AlwaysPolicy);
+        var service = fleet.Services[0];
+        await fleet.WaitForLayersAsync([0, 1], TestFleet.SetupBound, ct);
+        using var http = new HttpClient { BaseAddress = fleet.Controller!.Address };
+        var policy = fleet.Controller.Policies.Current.Version;
+        string text = "";
+        var watch = Stopwatch.StartNew();
+        // The command answer and the next metrics reading land within a tick or two of the layers changing.
+        while (!text.Contains($"dsla_controller_service_dsla_layers{{service=\"{service.Id}\"}} 2", StringComparison.Ordinal)
+            || !text.Contains("dsla_controller_commands_total{result=\"accepted\"}", StringComparison.Ordinal))
+        {
+            Assert.True(watch.Elapsed < TestFleet.SetupBound, text);
+            await Task.Delay(50, ct);
+            text = await http.GetStringAsync(new Uri("/metrics", UriKind.Relative), ct);
+        }
+        Assert.Contains("dsla_controller_leader 1", text);
+        Assert.Contains("dsla_controller_redis_up 1", text);
+        Assert.Contains($"dsla_controller_policy_version {policy}", text);
+        Assert.Contains("dsla_controller_services 1", text);
+        Assert.Contains($"dsla_controller_service_desired_dsla_layers{{service=\"{service.Id}\"}} 2", text);
+        Assert.Contains($"dsla_controller_service_cap_layers{{service=\"{service.Id}\"}} 2", text);
+        Assert.Contains($"dsla_controller_service_stream_up{{service=\"{service.Id}\"}} 1", text);
+        Assert.Matches("dsla_controller_decisions_total\\{action=\"convert\"\\} [1-9]", text);
+    }
+
+    [Fact]
     public async Task Stale_epochs_are_rejected_and_a_standby_controller_cannot_issue_commands()
     {
         var ct = TestContext.Current.CancellationToken;
