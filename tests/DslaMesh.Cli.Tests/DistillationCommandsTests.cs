@@ -7,8 +7,9 @@ namespace DslaMesh.Cli.Tests;
 
 /// <summary>
 /// sensitivity → distill → eval through the real dslactl command tree, on a tiny random teacher and a synthetic
-/// Brown-shaped corpus. The commands write to the console, so this class captures it (and is the only one that does).
+/// Brown-shaped corpus. The commands write to the console, so this class captures it (in the console collection).
 /// </summary>
+[Collection(ConsoleCollection.Name)]
 public sealed class DistillationCommandsTests : IDisposable
 {
     private readonly string _brown = TinyTeachers.SyntheticBrown();

@@ -113,7 +113,8 @@ public static class ServeBenchCommand
         return text.ToString();
     }
 
-    private static LlamaConfig RandomShape(string shape, int? layers, int context) => shape switch
+    /// <summary>The random-weight shapes <c>bench serve</c> and <c>model random</c> build.</summary>
+    internal static LlamaConfig RandomShape(string shape, int? layers, int context) => shape switch
     {
         "7b" => new LlamaConfig
         {
