@@ -263,7 +263,8 @@ public static class EngineBenchmark
             caches[0].AssumeProcessed(1024);
             var x = randn(1, 1, config.HiddenSize, dtype: model.DType, device: device);
             var ids = zeros(1, 1, dtype: ScalarType.Int64, device: device);
-            var q = randn(1, config.NumAttentionHeads, 1, config.HeadDim, dtype: model.DType, device: device);
+            // Decode queries as the engine hands them to SDPA: GQA groups folded into the query axis, [1, Hkv, G, hd].
+            var q = randn(1, config.NumKeyValueHeads, config.GroupSize, config.HeadDim, dtype: model.DType, device: device);
             var k = randn(1, config.NumKeyValueHeads, 1024, config.HeadDim, dtype: model.DType, device: device);
             var weight = model.Layers[0].Attention.OutputProjection.Weight;
             void Time(string name, Action body)
