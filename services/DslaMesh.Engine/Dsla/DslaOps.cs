@@ -113,14 +113,19 @@ public static class DslaOps
         var (b, hkv, g, _, dk, dv) = shape;
         var query = q.Fp32().view(b, hkv, g, dk) * scale;                                      // [B, Hkv, G, dk]
         var kv = k.Fp32().view(b, hkv, dk, 1) * v.Fp32().view(b, hkv, 1, dv);                    // k_tᵀ v_t: [B, Hkv, dk, dv]
-        var outputs = new Tensor[logGates.Count];
         var states = new Tensor[logGates.Count];
         for (var i = 0; i < logGates.Count; i++)
         {
-            var decay = logGates[i].Fp32().view(b, hkv, dk, 1).exp();                               // [B, Hkv, dk, 1]
+            var decay = logGates[i].Fp32().reshape(b, hkv, dk, 1).exp();                            // [B, Hkv, dk, 1]
             var state = initialStates?[i] is { } given ? given.Fp32() * decay + kv : kv;             // decay first, then add
             states[i] = state.MoveToOuterDisposeScope();
-            outputs[i] = matmul(query, state).view(b, hkv * g, 1, dv).MoveToOuterDisposeScope();           // [B, Hq, 1, dv]
+        }
+        // Every state read by one batched matmul: [S, B, Hkv, G, dk] × [S, B, Hkv, dk, dv] → [S, B, Hkv, G, dv].
+        var read = states.Length == 1 ? matmul(query, states[0]).unsqueeze(0) : matmul(query.unsqueeze(0).expand(states.Length, -1, -1, -1, -1), stack(states, 0));
+        var outputs = new Tensor[states.Length];
+        for (var i = 0; i < states.Length; i++)
+        {
+            outputs[i] = read[i].reshape(b, hkv * g, 1, dv).MoveToOuterDisposeScope();                 // [B, Hq, 1, dv]
         }
         return (outputs, states);
     }

@@ -145,7 +145,8 @@ public sealed class FoldableDslaAttention : GatedLinearMixer
         }
         var k = keys.Length == 1 ? keys[0] : cat(keys, 0);                                      // [N, Hkv, Lmax, hd] fp32
         var v = values.Length == 1 ? values[0] : cat(values, 0);
-        var finals = DslaOps.FinalStates(k, v, [LogGate(_historyGate.forward(k)), LogGate(_recencyGate.forward(k))]);
+        var (historyGates, recencyGates) = HeadwiseGate.LogGates(_historyGate, _recencyGate, k);
+        var finals = DslaOps.FinalStates(k, v, [historyGates, recencyGates]);
         return Enumerable.Range(0, caches.Count)
             .Select(i => new DslaState(finals.Select(f => f.narrow(0, i, 1)).ToArray()))
             .ToArray();
@@ -184,8 +185,7 @@ public sealed class FoldableDslaAttention : GatedLinearMixer
         var q = SplitHeads(_q.forward(x), Heads);                          // [B, H, T, hd]
         var k = SplitHeads(_teacher.Key.forward(x), KvHeads);              // [B, Hkv, T, hd], pre-RoPE
         var v = SplitHeads(_teacher.Value.forward(x), KvHeads);            // [B, Hkv, T, hd]
-        var history = LogGate(_historyGate.forward(k));                    // [B, Hkv, T, hd] fp32
-        var recency = LogGate(_recencyGate.forward(k));
+        var (history, recency) = HeadwiseGate.LogGates(_historyGate, _recencyGate, k);   // [B, Hkv, T, hd] fp32 each
         return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope(),
             [history.MoveToOuterDisposeScope(), recency.MoveToOuterDisposeScope()]);
     }

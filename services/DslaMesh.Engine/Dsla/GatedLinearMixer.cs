@@ -251,7 +251,9 @@ public abstract class GatedLinearMixer : nn.Module, ITokenMixer
     {
         ArgumentNullException.ThrowIfNull(preactivation);
         using var scope = NewDisposeScope();
-        var gate = nn.functional.logsigmoid(preactivation.Fp32()) / GateLogitNormalizer;
+        // log σ(z) = −softplus(−z): the same values, and softplus is a plain elementwise kernel where log_sigmoid
+        // allocates a second buffer (it was an eighth of a DSLA layer's decode time on CPU).
+        var gate = nn.functional.softplus(preactivation.Fp32().neg()) * (-1.0 / GateLogitNormalizer);
         return gate.clamp_min(GateClampMin).MoveToOuterDisposeScope();
     }
 

@@ -36,6 +36,24 @@ public sealed class HeadwiseGate : nn.Module<Tensor, Tensor>
         return z.MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Both gates of a layer on the same keys in one batched matmul (their weights side by side), and their log-gates
+    /// in one pass: a decode step is made of op launches, and this is half of the gates' (k [B, Hkv, T, hd] →
+    /// two fp32 log-gates [B, Hkv, T, hd]).
+    /// </summary>
+    public static (Tensor First, Tensor Second) LogGates(HeadwiseGate first, HeadwiseGate second, Tensor k)
+    {
+        ArgumentNullException.ThrowIfNull(first);
+        ArgumentNullException.ThrowIfNull(second);
+        ArgumentNullException.ThrowIfNull(k);
+        using var scope = NewDisposeScope();
+        var weights = cat([first._weight.Fp32(), second._weight.Fp32()], -1);           // [Hkv, hd, 2hd]
+        var biases = cat([first._bias.Fp32(), second._bias.Fp32()], -1).unsqueeze(1);   // [Hkv, 1, 2hd]
+        var both = GatedLinearMixer.LogGate(matmul(k.Fp32(), weights) + biases);        // [B, Hkv, T, 2hd]
+        var halves = both.chunk(2, -1);
+        return (halves[0].MoveToOuterDisposeScope(), halves[1].MoveToOuterDisposeScope());
+    }
+
     /// <summary>W[h] = I, bias = 0 (call under no_grad).</summary>
     public void InitializeIdentity()
     {
