@@ -42,6 +42,7 @@ public static class ReplayBenchCommand
         var adaptivePolicy = new Option<FileInfo?>("--adaptive-policy") { Description = "Policy file for the adaptive mode (default: the built-in policy, MCR lengths × --length-scale)." };
         var sloTtft = new Option<double>("--slo-ttft-ms") { Description = "Goodput SLO: time to first token.", DefaultValueFactory = _ => 2000 };
         var sloTpot = new Option<double>("--slo-tpot-ms") { Description = "Goodput SLO: time per output token after the first.", DefaultValueFactory = _ => 100 };
+        var repeat = new Option<int>("--repeat") { Description = "Run the whole sequence of modes this many times, interleaved; each mode pools its runs (the VM's drift then touches every mode alike).", DefaultValueFactory = _ => 1 };
         var warmup = new Option<int>("--warmup") { Description = "Unmeasured requests (the trace's first, at their arrival times, half the layers on DSLA) replayed before the first mode.", DefaultValueFactory = _ => 120 };
         var settle = new Option<double>("--settle-seconds") { Description = "How long to wait for every service to reach a mode's starting layer mix.", DefaultValueFactory = _ => 120 };
         var requestTimeout = new Option<double>("--request-timeout-seconds") { Description = "Deadline of each request.", DefaultValueFactory = _ => 600 };
@@ -55,7 +56,7 @@ public static class ReplayBenchCommand
         var command = new Command("replay", "Replay an arrival trace through the gateway: adaptive against static layer mixes.");
         command.Options.Add(controller.Controller);
         command.Options.Add(controller.Token);
-        foreach (var option in new Option[] { gateway, apiKey, model, corpus, trace, requests, rate, arrivals, burstiness, outputTokens, seed, lengthScale, speedup, maxOutput, modes, adaptivePolicy, sloTtft, sloTpot, warmup, settle, requestTimeout, sampleMs, pplTokens, pplSeqLen, device, json, png })
+        foreach (var option in new Option[] { gateway, apiKey, model, corpus, trace, requests, rate, arrivals, burstiness, outputTokens, seed, lengthScale, speedup, maxOutput, modes, adaptivePolicy, sloTtft, sloTpot, repeat, warmup, settle, requestTimeout, sampleMs, pplTokens, pplSeqLen, device, json, png })
         {
             command.Options.Add(option);
         }
@@ -147,7 +148,7 @@ public static class ReplayBenchCommand
             };
             Log(string.Create(CultureInfo.InvariantCulture, $"replaying {setup.Requests} requests ({setup.Trace}) at {setup.OfferedRatePerSecond:F2}/s against {setup.Services.Count} service(s), modes {string.Join(", ", modeList.Select(m => m.Name))}"));
 
-            var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo), Log, WithProgressAsync);
+            var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo, result.GetValue(repeat) is var n and >= 1 ? n : throw new ArgumentException("--repeat must be at least 1.")), Log, WithProgressAsync);
             IReadOnlyList<ModeResult> results;
             try
             {

@@ -4,7 +4,12 @@ using DslaMesh.Protos.V1;
 namespace DslaMesh.Cli.Replay;
 
 /// <summary>How a replay benchmark treats the fleet: warm-up length, how long to wait for a mode's mix, the SLO.</summary>
-public sealed record ReplayBenchmarkSettings(int WarmupRequests, TimeSpan Settle, ServiceLevelObjective Slo);
+/// <param name="WarmupRequests">Unmeasured requests replayed before the first mode.</param>
+/// <param name="Settle">How long to wait for every service to reach a mode's starting mix.</param>
+/// <param name="Slo">The latency objective goodput counts against.</param>
+/// <param name="Repeats">How many times the whole sequence of modes runs (interleaved, so slow drift of the machine
+/// touches every mode alike); each mode's figures pool its repetitions.</param>
+public sealed record ReplayBenchmarkSettings(int WarmupRequests, TimeSpan Settle, ServiceLevelObjective Slo, int Repeats = 1);
 
 /// <summary>Shows a replay's progress while <paramref name="body"/> runs it (a progress bar, or log lines).</summary>
 public delegate Task<ReplayRun> ReplayProgressDisplay(string mode, int total, Func<IProgress<ReplayProgress>, Task<ReplayRun>> body, Action<string> log);
@@ -44,13 +49,24 @@ public sealed class ReplayBenchmark
         try
         {
             await WarmUpAsync(trace, prompts, cancellationToken).ConfigureAwait(false);
+            var runs = modes.ToDictionary(m => m.Name, _ => new List<ReplayRun>(), StringComparer.Ordinal);
+            for (var round = 0; round < Math.Max(1, _settings.Repeats); round++)
+            {
+                foreach (var mode in modes)
+                {
+                    await ApplyAsync(mode, cancellationToken).ConfigureAwait(false);
+                    var label = _settings.Repeats > 1 ? $"{mode.Name} ({round + 1}/{_settings.Repeats})" : mode.Name;
+                    var current = round;
+                    var run = await _display(label, trace.Count, progress => _runner.RunAsync(label, trace, prompts, progress, cancellationToken, current), _log).ConfigureAwait(false);
+                    runs[mode.Name].Add(run);
+                    var summary = ModeSummary.Of(mode, run, _settings.Slo);
+                    _log(string.Create(CultureInfo.InvariantCulture, $"{label}: {summary.Completed} done, {summary.Rejected} rejected, {summary.Failed} failed; per-token latency mean {summary.LatencyPerToken?.Mean:F1} ms; {summary.Conversions} conversions, {summary.Reverts} reverts"));
+                }
+            }
             foreach (var mode in modes)
             {
-                await ApplyAsync(mode, cancellationToken).ConfigureAwait(false);
-                var run = await _display(mode.Name, trace.Count, progress => _runner.RunAsync(mode.Name, trace, prompts, progress, cancellationToken), _log).ConfigureAwait(false);
-                var summary = ModeSummary.Of(mode, run, _settings.Slo);
-                results.Add(new ModeResult(summary, run.Requests, run.Mix));
-                _log(string.Create(CultureInfo.InvariantCulture, $"{mode.Name}: {summary.Completed} done, {summary.Rejected} rejected, {summary.Failed} failed; per-token latency mean {summary.LatencyPerToken?.Mean:F1} ms; {summary.Conversions} conversions, {summary.Reverts} reverts"));
+                var pooled = new ReplayRun([.. runs[mode.Name].SelectMany(r => r.Requests)], [.. runs[mode.Name].SelectMany(r => r.Mix)], runs[mode.Name].Sum(r => r.DurationSeconds));
+                results.Add(new ModeResult(ModeSummary.Of(mode, pooled, _settings.Slo), pooled.Requests, pooled.Mix));
             }
         }
         finally

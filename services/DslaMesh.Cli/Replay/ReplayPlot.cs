@@ -6,6 +6,7 @@ namespace DslaMesh.Cli.Replay;
 /// <summary>
 /// Draws a replay as one PNG, one panel per mode over a shared time axis: each finished request's end-to-end latency
 /// per output token (dots, left axis, at its finish time) and each service's fraction of DSLA layers (steps, right axis).
+/// With <c>--repeat</c>, the first repetition is drawn.
 /// </summary>
 internal static class ReplayPlot
 {
@@ -22,7 +23,11 @@ internal static class ReplayPlot
         var top = report.Modes.SelectMany(m => m.Requests).Where(r => r.LatencyPerTokenMs is not null).Select(r => r.LatencyPerTokenMs!.Value).DefaultIfEmpty(1).Max();
         for (var i = 0; i < report.Modes.Count; i++)
         {
-            var mode = report.Modes[i];
+            var mode = report.Modes[i] with
+            {
+                Requests = [.. report.Modes[i].Requests.Where(r => r.Round == 0)],
+                Mix = [.. report.Modes[i].Mix.Where(m => m.Round == 0)],
+            };
             var plot = multiplot.GetPlot(i);
             if (fonts)
             {

@@ -47,6 +47,9 @@ public sealed record ModeSummary
     [JsonPropertyName("mean_dsla_fraction")] public double MeanDslaFraction { get; init; }
     [JsonPropertyName("served_perplexity")] public double? ServedPerplexity { get; set; }
 
+    /// <summary>Mean per-token latency of each repetition of the trace (one entry without <c>--repeat</c>).</summary>
+    [JsonPropertyName("round_means_ms")] public IReadOnlyList<double> RoundMeans { get; init; } = [];
+
     /// <summary>Summarises one replay.</summary>
     public static ModeSummary Of(ReplayMode mode, ReplayRun run, ServiceLevelObjective slo)
     {
@@ -75,15 +78,19 @@ public sealed record ModeSummary
             Conversions = conversions,
             Reverts = reverts,
             MeanDslaFraction = run.Mix.Count == 0 ? 0 : run.Mix.Average(s => s.LayerCount == 0 ? 0 : (double)s.DslaLayers / s.LayerCount),
+            RoundMeans = [.. ok.Where(r => r.LatencyPerTokenMs is not null).GroupBy(r => r.Round).OrderBy(g => g.Key).Select(g => g.Average(r => r.LatencyPerTokenMs!.Value))],
         };
     }
 
-    /// <summary>Layers converted and reverted, summed over services, from consecutive readings of each service's mix.</summary>
+    /// <summary>
+    /// Layers converted and reverted, summed over services, from consecutive readings of each service's mix within one
+    /// repetition (the settling between repetitions is not counted).
+    /// </summary>
     public static (int Conversions, int Reverts) LayerChanges(IReadOnlyList<MixSample> mix)
     {
         ArgumentNullException.ThrowIfNull(mix);
         int conversions = 0, reverts = 0;
-        foreach (var service in mix.GroupBy(s => s.ServiceId))
+        foreach (var service in mix.GroupBy(s => (s.ServiceId, s.Round)))
         {
             var previous = -1;
             foreach (var sample in service.OrderBy(s => s.Seconds))
@@ -154,6 +161,10 @@ public sealed record ReplayReport
             text.AppendLine(c, $"{m.Mode,-10} {m.Completed,5} {m.Rejected,4} {m.Failed,4}  {Ms(m.LatencyPerToken?.Mean),9} {Ms(m.LatencyPerToken?.P50),7} {Ms(m.LatencyPerToken?.P99),7} │ {Ms(m.Tpot?.Mean),9} {Ms(m.Tpot?.P99),6} │ {Ms(m.Ttft?.Mean),9} {Ms(m.Ttft?.P99),7} │ {Ms(m.EndToEnd?.Mean),8} {m.GoodputPerSecond,10:F2} {m.OutputTokensPerSecond,6:F1} {m.Conversions,5} {m.Reverts,4} {m.MeanDslaFraction,5:P0} {(m.ServedPerplexity is { } p ? p.ToString("F2", c) : "-"),6}");
         }
         text.AppendLine("(ms; lat/tok = end-to-end latency / output tokens, the paper's per-token latency; DSLA = time-averaged fraction of layers)");
+        foreach (var m in Modes.Select(m => m.Summary).Where(m => m.RoundMeans.Count > 1))
+        {
+            text.AppendLine(c, $"{m.Mode}: per-token latency mean of each repetition {string.Join(" / ", m.RoundMeans.Select(v => v.ToString("F1", c)))} ms");
+        }
         foreach (var mode in Modes.Select(m => m.Summary.Mode).Where(m => m != "attention"))
         {
             if (Ratio("attention", mode) is { } ratio)

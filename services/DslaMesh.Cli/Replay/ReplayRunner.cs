@@ -9,6 +9,10 @@ namespace DslaMesh.Cli.Replay;
 public sealed record RequestRecord
 {
     public int Index { get; init; }
+
+    /// <summary>Which repetition of the trace (0 = the first) this request belongs to.</summary>
+    public int Round { get; init; }
+
     public double ArrivalSeconds { get; init; }
     public double SentSeconds { get; init; }
     public double FinishedSeconds { get; set; }
@@ -42,7 +46,7 @@ public sealed record RequestRecord
 }
 
 /// <summary>One reading of one service's layer mix and load, from the controller.</summary>
-public sealed record MixSample(double Seconds, string ServiceId, int DslaLayers, int LayerCount, int QueueDepth, int Running);
+public sealed record MixSample(double Seconds, string ServiceId, int DslaLayers, int LayerCount, int QueueDepth, int Running, int Round = 0);
 
 /// <summary>Progress of one replay.</summary>
 public sealed record ReplayProgress(string Mode, int Sent, int Finished, int Total, int Rejected, int Failed, TimeSpan Elapsed);
@@ -75,7 +79,7 @@ public sealed class ReplayRunner
     }
 
     /// <summary>Replays <paramref name="trace"/>; <paramref name="prompts"/> gives request i its prompt token ids.</summary>
-    public async Task<ReplayRun> RunAsync(string mode, IReadOnlyList<TraceRequest> trace, Func<int, int[]> prompts, IProgress<ReplayProgress> progress, CancellationToken cancellationToken)
+    public async Task<ReplayRun> RunAsync(string mode, IReadOnlyList<TraceRequest> trace, Func<int, int[]> prompts, IProgress<ReplayProgress> progress, CancellationToken cancellationToken, int round = 0)
     {
         ArgumentNullException.ThrowIfNull(trace);
         ArgumentNullException.ThrowIfNull(prompts);
@@ -84,7 +88,7 @@ public sealed class ReplayRunner
         double Now() => _time.GetElapsedTime(start).TotalSeconds;
         var samples = new ConcurrentQueue<MixSample>();
         using var stopSampling = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        var sampler = SampleAsync(samples, Now, stopSampling.Token);
+        var sampler = SampleAsync(samples, Now, round, stopSampling.Token);
 
         var records = new RequestRecord[trace.Count];
         var calls = new List<Task>(trace.Count);
@@ -97,7 +101,7 @@ public sealed class ReplayRunner
             {
                 await Task.Delay(TimeSpan.FromSeconds(wait), _time, cancellationToken).ConfigureAwait(false);
             }
-            var record = records[i] = new RequestRecord { Index = i, ArrivalSeconds = trace[i].ArrivalSeconds, SentSeconds = Now(), PromptTokens = trace[i].ContextTokens, MaxTokens = trace[i].GeneratedTokens };
+            var record = records[i] = new RequestRecord { Index = i, Round = round, ArrivalSeconds = trace[i].ArrivalSeconds, SentSeconds = Now(), PromptTokens = trace[i].ContextTokens, MaxTokens = trace[i].GeneratedTokens };
             calls.Add(SendAsync(record, prompts(i), Now, cancellationToken).ContinueWith(_ =>
             {
                 Interlocked.Increment(ref counters[0]);
@@ -192,7 +196,7 @@ public sealed class ReplayRunner
         record.FinishedSeconds = now();
     }
 
-    private async Task SampleAsync(ConcurrentQueue<MixSample> samples, Func<double> now, CancellationToken cancellationToken)
+    private async Task SampleAsync(ConcurrentQueue<MixSample> samples, Func<double> now, int round, CancellationToken cancellationToken)
     {
         using var timer = new PeriodicTimer(_samplePeriod, _time);
         try
@@ -205,7 +209,7 @@ public sealed class ReplayRunner
                     var at = now();
                     foreach (var s in status.Services)
                     {
-                        samples.Enqueue(new MixSample(at, s.Id, s.DslaLayers.Count, s.LayerCount, s.QueueDepth, s.Running));
+                        samples.Enqueue(new MixSample(at, s.Id, s.DslaLayers.Count, s.LayerCount, s.QueueDepth, s.Running, round));
                     }
                 }
                 catch (RpcException e) when (e.StatusCode != StatusCode.Cancelled)

@@ -57,7 +57,7 @@ public sealed class ReplayBenchTests : IAsyncLifetime
 
         var (code, output, error) = await DslactlAsync([
             "bench", "replay", .. _controller.CliArgs, "--gateway", _gateway.GrpcAddress.ToString(), "--api-key", GatewayHost.Key,
-            "--model", _model, "--corpus", _brown, "--requests", "6", "--rate", "30", "--output-tokens", "4", "--length-scale", "0.02",
+            "--model", _model, "--corpus", _brown, "--requests", "4", "--repeat", "2", "--rate", "30", "--output-tokens", "4", "--length-scale", "0.02",
             "--modes", "attention,dsla50", "--warmup", "1", "--sample-ms", "50", "--ppl-tokens", "256", "--ppl-seq-len", "64",
             "--json", json, "--png", png]);
 
@@ -69,7 +69,8 @@ public sealed class ReplayBenchTests : IAsyncLifetime
         foreach (var (mode, dslaLayers) in modes.Zip(new[] { 0, 2 }))
         {
             var summary = mode.GetProperty("summary");
-            Assert.Equal(6, summary.GetProperty("completed").GetInt32());
+            Assert.Equal(8, summary.GetProperty("completed").GetInt32());   // 4 requests × 2 repetitions
+            Assert.Equal(2, summary.GetProperty("round_means_ms").GetArrayLength());
             Assert.Equal(0, summary.GetProperty("failed").GetInt32());
             Assert.True(summary.GetProperty("latency_per_token_ms").GetProperty("mean").GetDouble() > 0);
             Assert.Equal(dslaLayers / 4.0, summary.GetProperty("mean_dsla_fraction").GetDouble(), 6);

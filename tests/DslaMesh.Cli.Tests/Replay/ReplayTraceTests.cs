@@ -118,6 +118,10 @@ public sealed class ReplayTraceTests
         Assert.Equal((100 + 400 + 3000 / 11.0) / 3, summary.LatencyPerToken!.Mean, 6);
         Assert.Equal(3, summary.LatencyPerToken.Count);
         Assert.Equal(3.1, summary.OutputTokensPerSecond, 6);
+
+        // A second repetition starts from its own settled mix: the jump between repetitions is not a conversion.
+        MixSample[] rounds = [new(0, "a", 0, 8, 0, 0, Round: 0), new(1, "a", 2, 8, 0, 0, Round: 0), new(0, "a", 0, 8, 0, 0, Round: 1), new(1, "a", 1, 8, 0, 0, Round: 1)];
+        Assert.Equal((3, 0), ModeSummary.LayerChanges(rounds));
     }
 
     private static double CoefficientOfVariation(double[] values)
