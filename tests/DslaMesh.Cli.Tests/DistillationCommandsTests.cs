@@ -1,5 +1,4 @@
 using System.Text.Json;
-using DslaMesh.Cli.Commands;
 using DslaMesh.Engine.Dsla;
 using DslaMesh.Tests.Common;
 
@@ -26,24 +25,7 @@ public sealed class DistillationCommandsTests : IDisposable
         }
     }
 
-    private static async Task<(int Code, string Output, string Error)> RunAsync(params string[] args)
-    {
-        var (stdout, stderr) = (Console.Out, Console.Error);
-        using var output = new StringWriter();
-        using var error = new StringWriter();
-        Console.SetOut(output);
-        Console.SetError(error);
-        try
-        {
-            var code = await DslaCtl.CreateRootCommand().Parse(args).InvokeAsync(cancellationToken: TestContext.Current.CancellationToken);
-            return (code, output.ToString(), error.ToString());
-        }
-        finally
-        {
-            Console.SetOut(stdout);
-            Console.SetError(stderr);
-        }
-    }
+    private static Task<(int Code, string Output, string Error)> RunAsync(params string[] args) => ConsoleCapture.DslactlAsync(args);
 
     [Fact]
     public async Task Sensitivity_distill_and_eval_run_end_to_end()

@@ -1,17 +1,9 @@
-using System.CommandLine;
 using DslaMesh.Cli.Commands;
 using DslaMesh.Engine.Backends;
 using DslaMesh.Engine.Models;
 using DslaMesh.Tests.Common;
 
 namespace DslaMesh.Cli.Tests;
-
-/// <summary>Tests that redirect the process's console run one at a time.</summary>
-[CollectionDefinition(Name, DisableParallelization = true)]
-public sealed class ConsoleCollection
-{
-    public const string Name = "console";
-}
 
 /// <summary><c>dslactl model random</c>: a folder the engine loads, with DSLA layers it converts to.</summary>
 [Collection(ConsoleCollection.Name)]
@@ -42,23 +34,5 @@ public sealed class RandomModelCommandTests : IDisposable
         Assert.Contains("is not empty", error);
     }
 
-    private static async Task<(int Code, string Output, string Error)> RunAsync(string[] args)
-    {
-        // EngineOptions.GuardAsync reports on the process's stderr; the command prints to stdout.
-        var (stdout, stderr) = (Console.Out, Console.Error);
-        using var output = new StringWriter();
-        using var error = new StringWriter();
-        Console.SetOut(output);
-        Console.SetError(error);
-        try
-        {
-            var code = await DslaCtl.CreateRootCommand().Parse(args).InvokeAsync(new InvocationConfiguration { Output = output, Error = error }, TestContext.Current.CancellationToken);
-            return (code, output.ToString(), error.ToString());
-        }
-        finally
-        {
-            Console.SetOut(stdout);
-            Console.SetError(stderr);
-        }
-    }
+    private static Task<(int Code, string Output, string Error)> RunAsync(string[] args) => ConsoleCapture.DslactlAsync(args);
 }
