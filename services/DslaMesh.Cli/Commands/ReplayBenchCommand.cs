@@ -148,6 +148,15 @@ public static class ReplayBenchCommand
             };
             Log(string.Create(CultureInfo.InvariantCulture, $"replaying {setup.Requests} requests ({setup.Trace}) at {setup.OfferedRatePerSecond:F2}/s against {setup.Services.Count} service(s), modes {string.Join(", ", modeList.Select(m => m.Name))}"));
 
+            try
+            {
+                await runner.PreflightAsync(Cut(heldOut, 8, seedValue), cancellationToken).ConfigureAwait(false);
+            }
+            catch (InvalidOperationException e)
+            {
+                await error.WriteLineAsync($"error: {e.Message}").ConfigureAwait(false);
+                return ExitCodes.ServiceError;
+            }
             var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo, result.GetValue(repeat) is var n and >= 1 ? n : throw new ArgumentException("--repeat must be at least 1.")), Log, WithProgressAsync);
             IReadOnlyList<ModeResult> results;
             try

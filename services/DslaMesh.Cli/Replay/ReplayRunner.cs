@@ -124,6 +124,33 @@ public sealed class ReplayRunner
         return new ReplayRun(records, [.. samples.OrderBy(s => s.Seconds)], duration);
     }
 
+    /// <summary>
+    /// One short request before anything else, so a wrong key or an unreachable gateway is one clear error instead of a
+    /// trace's worth of failed requests (and before the fleet's policy is touched).
+    /// </summary>
+    /// <exception cref="ArgumentException">The gateway refused the API key.</exception>
+    /// <exception cref="InvalidOperationException">The gateway could not be reached or could not serve the request.</exception>
+    public async Task PreflightAsync(int[] prompt, CancellationToken cancellationToken)
+    {
+        var request = new GenerateRequest { TokenIds = new TokenIds(), Sampling = new SamplingParams { Temperature = 0, MaxTokens = 1 } };
+        request.TokenIds.Ids.Add(prompt);
+        try
+        {
+            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: DateTime.UtcNow + _requestTimeout, cancellationToken: cancellationToken));
+            await foreach (var _ in call.ResponseStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))
+            {
+            }
+        }
+        catch (RpcException e) when (e.StatusCode is StatusCode.Unauthenticated or StatusCode.PermissionDenied)
+        {
+            throw new ArgumentException($"--api-key: the gateway refused it ({e.StatusCode}: {e.Status.Detail}).", e);
+        }
+        catch (RpcException e) when (e.StatusCode != StatusCode.Cancelled)
+        {
+            throw new InvalidOperationException($"the gateway did not serve a test request ({e.StatusCode}: {e.Status.Detail}); is the mesh up (deploy/local/run.sh)?", e);
+        }
+    }
+
     private async Task SendAsync(RequestRecord record, int[] prompt, Func<double> now, CancellationToken cancellationToken)
     {
         var request = new GenerateRequest

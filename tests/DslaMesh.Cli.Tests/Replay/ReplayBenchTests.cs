@@ -101,7 +101,7 @@ public sealed class ReplayBenchTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Replay_refuses_an_unknown_mode_and_a_missing_trace_before_touching_the_fleet()
+    public async Task Replay_refuses_an_unknown_mode_a_missing_trace_and_a_wrong_key_before_touching_the_fleet()
     {
         var ct = TestContext.Current.CancellationToken;
         var version = (await _controller.Admin.GetPolicyAsync(new GetPolicyRequest(), cancellationToken: ct)).Version;
@@ -111,6 +111,10 @@ public sealed class ReplayBenchTests : IAsyncLifetime
         (code, _, error) = await DslactlAsync(["bench", "replay", .. _controller.CliArgs, "--model", _model, "--corpus", _brown, "--trace", Path.Combine(_out, "none.csv")]);
         Assert.Equal(ExitCodes.InvalidInput, code);
         Assert.Contains("none.csv", error);
+        (code, _, error) = await DslactlAsync(["bench", "replay", .. _controller.CliArgs, "--gateway", _gateway.GrpcAddress.ToString(), "--api-key", "not-a-key-0123456789",
+            "--model", _model, "--corpus", _brown, "--requests", "4"]);
+        Assert.Equal(ExitCodes.InvalidInput, code);
+        Assert.Contains("--api-key: the gateway refused it (Unauthenticated", error);
         Assert.Equal(version, (await _controller.Admin.GetPolicyAsync(new GetPolicyRequest(), cancellationToken: ct)).Version);
     }
 
