@@ -120,6 +120,19 @@ public sealed class ManifestTests
             }
         }
 
+        // A Prometheus scrape annotation points at an HTTP/1 endpoint that maps /metrics.
+        var template = (YamlMappingNode)_documents.Single(d => Kind(d) == "Deployment" && Name(d) == service)["spec"]["template"]["metadata"];
+        if (template.Children.TryGetValue("annotations", out var annotations) && ((YamlMappingNode)annotations).Children.TryGetValue("prometheus.io/port", out var scrape))
+        {
+            var number = int.Parse(scrape.ToString(), System.Globalization.CultureInfo.InvariantCulture);
+            Assert.True(endpoints.TryGetValue(number, out var protocols) && protocols.Contains("Http1", StringComparison.Ordinal), $"{service}: scrape port {number} is no HTTP/1 endpoint");
+            Assert.Equal("/metrics", ((YamlMappingNode)annotations)["prometheus.io/path"].ToString());
+            if (routes is not null)
+            {
+                Assert.Contains("/metrics", routes);
+            }
+        }
+
         // Services target named ports that the pods declare.
         foreach (var svc in _documents.Where(d => Kind(d) == "Service" && ((YamlMappingNode)d["spec"]["selector"])["app.kubernetes.io/name"].ToString() == service))
         {
