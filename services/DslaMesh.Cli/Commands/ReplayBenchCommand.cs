@@ -157,7 +157,7 @@ public static class ReplayBenchCommand
                 await error.WriteLineAsync($"error: {e.Message}").ConfigureAwait(false);
                 return ExitCodes.ServiceError;
             }
-            var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo, result.GetValue(repeat) is var n and >= 1 ? n : throw new ArgumentException("--repeat must be at least 1.")), Log, WithProgressAsync);
+            var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo, result.GetValue(repeat) is var n and >= 1 ? n : throw new ArgumentException("--repeat must be at least 1.")), Log, WithProgressAsync, TimeProvider.System);
             IReadOnlyList<ModeResult> results;
             try
             {

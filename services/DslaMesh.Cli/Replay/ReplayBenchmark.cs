@@ -28,9 +28,11 @@ public sealed class ReplayBenchmark
     private readonly ReplayBenchmarkSettings _settings;
     private readonly Action<string> _log;
     private readonly ReplayProgressDisplay _display;
+    private readonly TimeProvider _time;
 
-    public ReplayBenchmark(ControllerAdmin.ControllerAdminClient admin, ReplayRunner runner, ReplayBenchmarkSettings settings, Action<string> log, ReplayProgressDisplay display)
+    public ReplayBenchmark(ControllerAdmin.ControllerAdminClient admin, ReplayRunner runner, ReplayBenchmarkSettings settings, Action<string> log, ReplayProgressDisplay display, TimeProvider time)
     {
+        _time = time;
         _admin = admin;
         _runner = runner;
         _settings = settings;
@@ -96,7 +98,7 @@ public sealed class ReplayBenchmark
     private async Task ApplyAsync(ReplayMode mode, CancellationToken cancellationToken, string? purpose = null)
     {
         await _admin.SetPolicyAsync(new SetPolicyRequest { PolicyJson = mode.PolicyJson, Comment = $"bench replay: {purpose ?? mode.Name}", SetBy = SetBy }, cancellationToken: cancellationToken).ConfigureAwait(false);
-        var deadline = DateTime.UtcNow + _settings.Settle;
+        var deadline = _time.GetUtcNow() + _settings.Settle;
         while (true)
         {
             var status = await _admin.GetStatusAsync(new GetStatusRequest(), cancellationToken: cancellationToken).ConfigureAwait(false);
@@ -109,11 +111,11 @@ public sealed class ReplayBenchmark
                 _log($"{purpose ?? mode.Name}: every service is at its starting mix ({mode.Description})");
                 return;
             }
-            if (DateTime.UtcNow > deadline)
+            if (_time.GetUtcNow() > deadline)
             {
                 throw new TimeoutException($"{mode.Name}: after {_settings.Settle.TotalSeconds:F0} s {string.Join(", ", pending.Select(s => $"{s.Id} runs {s.DslaLayers.Count} DSLA layers (wants {ReplayModes.StaticLayers(mode.StaticFraction ?? 0, s.LayerCount)}), queue {s.QueueDepth}, running {s.Running}"))}");
             }
-            await Task.Delay(200, cancellationToken).ConfigureAwait(false);
+            await Task.Delay(TimeSpan.FromMilliseconds(200), _time, cancellationToken).ConfigureAwait(false);
         }
     }
 }

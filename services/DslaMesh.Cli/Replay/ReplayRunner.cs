@@ -136,7 +136,7 @@ public sealed class ReplayRunner
         request.TokenIds.Ids.Add(prompt);
         try
         {
-            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: DateTime.UtcNow + _requestTimeout, cancellationToken: cancellationToken));
+            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: _time.GetUtcNow().UtcDateTime + _requestTimeout, cancellationToken: cancellationToken));
             await foreach (var _ in call.ResponseStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))
             {
             }
@@ -164,7 +164,7 @@ public sealed class ReplayRunner
         double? firstToken = null;
         try
         {
-            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: DateTime.UtcNow + _requestTimeout, cancellationToken: cancellationToken));
+            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: _time.GetUtcNow().UtcDateTime + _requestTimeout, cancellationToken: cancellationToken));
             var headers = await call.ResponseHeadersAsync.ConfigureAwait(false);
             record.Replica = headers.GetValue("x-dslamesh-replica");
             await foreach (var message in call.ResponseStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))
