@@ -64,12 +64,19 @@ public static class TorchRuntime
     }
 
     /// <summary>The dtype the options ask for, with the per-device default.</summary>
-    public static torch.ScalarType ResolveDType(TorchBackendOptions options) => (options.DType ?? (options.IsCuda ? "bfloat16" : "float32")) switch
+    public static torch.ScalarType ResolveDType(TorchBackendOptions options)
+    {
+        var name = options.DType ?? (options.IsCuda ? "bfloat16" : "float32");
+        return ParseDType(name) ?? throw new ArgumentException($"Unsupported dtype '{name}'.", nameof(options));
+    }
+
+    /// <summary>The dtype a name stands for (float32, bfloat16, float16); null for any other name.</summary>
+    public static torch.ScalarType? ParseDType(string? name) => name switch
     {
         "float32" => torch.ScalarType.Float32,
         "bfloat16" => torch.ScalarType.BFloat16,
         "float16" => torch.ScalarType.Float16,
-        var other => throw new ArgumentException($"Unsupported dtype '{other}'.", nameof(options)),
+        _ => null,
     };
 
     /// <summary>The LibTorch folder loaded from outside the application, or null when it ships its own.</summary>

@@ -1,4 +1,5 @@
 using System.Text.Json.Serialization;
+using DslaMesh.Engine.Backends;
 using DslaMesh.Engine.Dsla;
 
 namespace DslaMesh.Engine.Distillation;
@@ -68,13 +69,9 @@ public sealed record DistillationRecipe
     [JsonIgnore] public DslaVariant ParsedVariant => DslaVariants.Parse(Variant);
 
     /// <summary>The parsed <see cref="SaveDType"/>.</summary>
-    [JsonIgnore] public TorchSharp.torch.ScalarType ParsedSaveDType => SaveDType switch
-    {
-        "float32" => TorchSharp.torch.ScalarType.Float32,
-        "float16" => TorchSharp.torch.ScalarType.Float16,
-        "bfloat16" => TorchSharp.torch.ScalarType.BFloat16,
-        _ => throw new ArgumentException($"--save-dtype must be float32, float16 or bfloat16, got '{SaveDType}'."),
-    };
+    [JsonIgnore] public TorchSharp.torch.ScalarType ParsedSaveDType => TorchRuntime.ParseDType(SaveDType) ?? throw new ArgumentException(SaveDTypeError);
+
+    private string SaveDTypeError => $"--save-dtype must be float32, float16 or bfloat16, got '{SaveDType}'.";
 
     /// <summary>Steps in the whole run for a model whose conversion order has <paramref name="orderLength"/> layers.</summary>
     public int TotalSteps(int orderLength) => (LayerCount(orderLength) * StepsPerLayer) + KlSteps;
@@ -106,7 +103,7 @@ public sealed record DistillationRecipe
         Require(WeightDecay >= 0, "--weight-decay must not be negative.");
         Require(GradClip > 0, "--grad-clip must be positive.");
         Require(EvalWindows >= 1, "--eval-windows must be positive.");
-        Require(SaveDType is "float32" or "float16" or "bfloat16", $"--save-dtype must be float32, float16 or bfloat16, got '{SaveDType}'.");
+        Require(TorchRuntime.ParseDType(SaveDType) is not null, SaveDTypeError);
     }
 }
 
