@@ -89,6 +89,8 @@ public sealed class ServingEngineTests : IDisposable
         using var cancel = CancellationTokenSource.CreateLinkedTokenSource(TestContext.Current.CancellationToken);
         var long1 = SamplingParameters.Greedy(200) with { IgnoreEos = true };
         engine.Submit(new GenerationRequest("a", [3, 4], long1, Fidelity.Balanced, cancel.Token));
+        // "a" must have left the queue for the batch before "b" takes the one queue slot (the engine loop admits it).
+        Assert.True(SpinWait.SpinUntil(() => engine.Snapshot.Running == 1, TimeSpan.FromSeconds(10)), "the first request was never admitted");
         engine.Submit(new GenerationRequest("b", [3, 4], long1, Fidelity.Balanced, cancel.Token));
         var error = Assert.Throws<QueueFullException>(() => engine.Submit(new GenerationRequest("c", [3, 4], long1, Fidelity.Balanced, cancel.Token)));
         Assert.True(error.RetryAfter > TimeSpan.Zero);
