@@ -60,7 +60,7 @@ public static class ReplayBenchCommand
         {
             command.Options.Add(option);
         }
-                // Input and service errors go to the invocation's error writer (ControllerClientOptions); model-load errors to stderr.
+        // Input and service errors go to the invocation's error writer (ControllerClientOptions); model-load errors to stderr.
         command.SetAction((result, cancellationToken) => EngineOptions.GuardAsync(() => ControllerClientOptions.GuardAsync(result, async output =>
         {
             var error = result.InvocationConfiguration.Error;
@@ -148,22 +148,14 @@ public static class ReplayBenchCommand
             };
             Log(string.Create(CultureInfo.InvariantCulture, $"replaying {setup.Requests} requests ({setup.Trace}) at {setup.OfferedRatePerSecond:F2}/s against {setup.Services.Count} service(s), modes {string.Join(", ", modeList.Select(m => m.Name))}"));
 
-            try
-            {
-                await runner.PreflightAsync(Cut(heldOut, 8, seedValue), cancellationToken).ConfigureAwait(false);
-            }
-            catch (InvalidOperationException e)
-            {
-                await error.WriteLineAsync($"error: {e.Message}").ConfigureAwait(false);
-                return ExitCodes.ServiceError;
-            }
             var benchmark = new ReplayBenchmark(admin, runner, new ReplayBenchmarkSettings(result.GetValue(warmup), TimeSpan.FromSeconds(result.GetValue(settle)), slo, result.GetValue(repeat) is var n and >= 1 ? n : throw new ArgumentException("--repeat must be at least 1.")), Log, WithProgressAsync, TimeProvider.System);
             IReadOnlyList<ModeResult> results;
             try
             {
+                await runner.PreflightAsync(Cut(heldOut, 8, seedValue), cancellationToken).ConfigureAwait(false);
                 results = await benchmark.RunAsync(modeList, requestsToSend, Prompt, cancellationToken).ConfigureAwait(false);
             }
-            catch (TimeoutException e)
+            catch (Exception e) when (e is InvalidOperationException or TimeoutException)
             {
                 await error.WriteLineAsync($"error: {e.Message}").ConfigureAwait(false);
                 return ExitCodes.ServiceError;

@@ -132,11 +132,9 @@ public sealed class ReplayRunner
     /// <exception cref="InvalidOperationException">The gateway could not be reached or could not serve the request.</exception>
     public async Task PreflightAsync(int[] prompt, CancellationToken cancellationToken)
     {
-        var request = new GenerateRequest { TokenIds = new TokenIds(), Sampling = new SamplingParams { Temperature = 0, MaxTokens = 1 } };
-        request.TokenIds.Ids.Add(prompt);
         try
         {
-            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: _time.GetUtcNow().UtcDateTime + _requestTimeout, cancellationToken: cancellationToken));
+            using var call = Start(prompt, 1, cancellationToken);
             await foreach (var _ in call.ResponseStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))
             {
             }
@@ -151,20 +149,24 @@ public sealed class ReplayRunner
         }
     }
 
+    /// <summary>
+    /// Starts a streaming generation through the gateway: greedy and exactly <paramref name="maxTokens"/> tokens, so a
+    /// measurement does not depend on where EOS falls; the API key and the request deadline on the call.
+    /// </summary>
+    private AsyncServerStreamingCall<GenerateResponse> Start(int[] prompt, int maxTokens, CancellationToken cancellationToken)
+    {
+        var request = new GenerateRequest { TokenIds = new TokenIds(), Sampling = new SamplingParams { Temperature = 0, MaxTokens = maxTokens, IgnoreEos = true } };
+        request.TokenIds.Ids.Add(prompt);
+        return _gateway.Generate(request, new CallOptions(_headers, deadline: _time.GetUtcNow().UtcDateTime + _requestTimeout, cancellationToken: cancellationToken));
+    }
+
     private async Task SendAsync(RequestRecord record, int[] prompt, Func<double> now, CancellationToken cancellationToken)
     {
-        var request = new GenerateRequest
-        {
-            TokenIds = new TokenIds(),
-            // Greedy and exactly the trace's output length: the measurement must not depend on where EOS falls.
-            Sampling = new SamplingParams { Temperature = 0, MaxTokens = record.MaxTokens, IgnoreEos = true },
-        };
-        request.TokenIds.Ids.Add(prompt);
         var sent = Stopwatch.GetTimestamp();
         double? firstToken = null;
         try
         {
-            using var call = _gateway.Generate(request, new CallOptions(_headers, deadline: _time.GetUtcNow().UtcDateTime + _requestTimeout, cancellationToken: cancellationToken));
+            using var call = Start(prompt, record.MaxTokens, cancellationToken);
             var headers = await call.ResponseHeadersAsync.ConfigureAwait(false);
             record.Replica = headers.GetValue("x-dslamesh-replica");
             await foreach (var message in call.ResponseStream.ReadAllAsync(cancellationToken).ConfigureAwait(false))

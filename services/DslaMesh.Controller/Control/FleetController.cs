@@ -527,7 +527,7 @@ public sealed partial class FleetController : BackgroundService, IControlStreamO
             {
                 _metrics.OnAnswer(state.Accepted);
             }
-            if (!state.Accepted && state.CommandEpoch > 0)
+            if (state is { Accepted: false, CommandEpoch: > 0 })
             {
                 Log.Rejected(_logger, serviceId, state.CommandEpoch, state.Reason);
                 // A newer epoch is applied there (a late or foreign command): draw one above it next tick.

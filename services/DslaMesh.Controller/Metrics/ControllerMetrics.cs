@@ -48,14 +48,8 @@ public sealed class ControllerMetrics
     /// <summary>This controller's registry (one per host, so several hosts can share a test process).</summary>
     public CollectorRegistry Registry { get; }
 
-    /// <summary>A decision that converts or reverts layers.</summary>
-    public void OnDecision(DecisionAction action)
-    {
-        if (action != DecisionAction.Hold)
-        {
-            _decisions.WithLabels(action.ToString().ToLowerInvariant()).Inc();
-        }
-    }
+    /// <summary>A decision that converts or reverts layers (the caller skips holds).</summary>
+    public void OnDecision(DecisionAction action) => _decisions.WithLabels(action.ToString().ToLowerInvariant()).Inc();
 
     /// <summary>A service's answer to a command.</summary>
     public void OnAnswer(bool accepted) => _answers.WithLabels(accepted ? "accepted" : "rejected").Inc();

@@ -120,8 +120,8 @@ public static class DslaOps
             var state = initialStates?[i] is { } given ? given.Fp32() * decay + kv : kv;             // decay first, then add
             states[i] = state.MoveToOuterDisposeScope();
         }
-        // Every state read by one batched matmul: [S, B, Hkv, G, dk] × [S, B, Hkv, dk, dv] → [S, B, Hkv, G, dv].
-        var read = states.Length == 1 ? matmul(query, states[0]).unsqueeze(0) : matmul(query.unsqueeze(0).expand(states.Length, -1, -1, -1, -1), stack(states, 0));
+        // Every state read by one batched matmul: [1, B, Hkv, G, dk] × [S, B, Hkv, dk, dv] → [S, B, Hkv, G, dv].
+        var read = matmul(query.unsqueeze(0), stack(states, 0));
         var outputs = new Tensor[states.Length];
         for (var i = 0; i < states.Length; i++)
         {

@@ -154,6 +154,7 @@ public sealed partial class MeshProxyMiddleware
     {
         if (HttpProtocol.IsHttp11(context.Request.Protocol) || HttpProtocol.IsHttp10(context.Request.Protocol))
         {
+            // At response start: WriteAsync clears the headers before writing the error.
             context.Response.OnStarting(() =>
             {
                 context.Response.Headers.Connection = "close";
