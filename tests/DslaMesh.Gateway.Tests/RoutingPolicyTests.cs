@@ -4,6 +4,7 @@ using DslaMesh.Gateway.Discovery;
 using DslaMesh.Gateway.Hosting;
 using DslaMesh.Gateway.Routing;
 using DslaMesh.Protos.V1;
+using DslaMesh.Tests.Common;
 using Google.Protobuf;
 using Microsoft.AspNetCore.Http;
 using Microsoft.Extensions.Options;

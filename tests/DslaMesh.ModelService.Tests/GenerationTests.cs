@@ -1,6 +1,5 @@
 using System.Net;
 using System.Net.Http.Json;
-using System.Text;
 using System.Text.Json;
 using DslaMesh.Engine.Inference;
 using DslaMesh.Protos.V1;
@@ -110,31 +109,10 @@ public sealed class GenerationTests : IClassFixture<ServiceFixture>
 
     private static async Task<string> SseText(ModelServiceHost service, int[] prompt, int seed, CancellationToken ct)
     {
-        using var request = new HttpRequestMessage(HttpMethod.Post, "/v1/completions")
-        {
-            Content = JsonContent.Create(new { prompt, max_tokens = 20, temperature = 0.8, seed, stream = true, ignore_eos = true }),
-        };
-        using var response = await service.Http.SendAsync(request, HttpCompletionOption.ResponseHeadersRead, ct);
-        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
-        var text = new StringBuilder();
-        var sawDone = false;
-        using var reader = new StreamReader(await response.Content.ReadAsStreamAsync(ct));
-        while (await reader.ReadLineAsync(ct) is { } line)
-        {
-            if (!line.StartsWith("data: ", StringComparison.Ordinal))
-            {
-                continue;
-            }
-            var data = line["data: ".Length..];
-            if (data == "[DONE]")
-            {
-                sawDone = true;
-                break;
-            }
-            using var chunk = JsonDocument.Parse(data);
-            text.Append(chunk.RootElement.GetProperty("choices")[0].GetProperty("text").GetString());
-        }
-        Assert.True(sawDone, "the SSE stream did not end with data: [DONE]");
-        return text.ToString();
+        var stream = await Clients.SseAsync(service.Http, new { prompt, max_tokens = 20, temperature = 0.8, seed, stream = true, ignore_eos = true }, ct);
+        Assert.Equal((int)HttpStatusCode.OK, stream.Status);
+        Assert.Null(stream.Error);
+        Assert.True(stream.Done, "the SSE stream did not end with data: [DONE]");
+        return stream.Text;
     }
 }

@@ -4,7 +4,7 @@ using System.Text.Json;
 using DslaMesh.Protos.V1;
 using Grpc.Core;
 
-namespace DslaMesh.Gateway.Tests;
+namespace DslaMesh.Tests.Common;
 
 /// <summary>The outcome of one SSE stream.</summary>
 public sealed record SseResult(int Status, string? Replica, string Text, int Chunks, string? FinishReason, JsonElement? Error, bool Done);
