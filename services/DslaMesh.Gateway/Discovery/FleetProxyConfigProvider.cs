@@ -90,40 +90,28 @@ public sealed class FleetProxyConfigProvider : IProxyConfigProvider
         {
             ["ConsecutiveFailuresHealthPolicy.Threshold"] = _options.Health.ActiveFailureThreshold.ToString(System.Globalization.CultureInfo.InvariantCulture),
         };
+        // The two clusters differ only in the replica address they use and the HTTP version they speak to it.
+        ClusterConfig Cluster(string id, Version version, HttpVersionPolicy policy, Func<ServiceRegistration, string> address) => new()
+        {
+            ClusterId = id,
+            LoadBalancingPolicy = MeshLoadBalancingPolicy.PolicyName,
+            HealthCheck = health,
+            Metadata = metadata,
+            HttpRequest = new ForwarderRequestConfig
+            {
+                Version = version,
+                VersionPolicy = policy,
+                ActivityTimeout = _options.StreamActivityTimeout,
+                AllowResponseBuffering = false,
+            },
+            Destinations = replicas.ToDictionary(r => r.Id, r => new DestinationConfig { Address = address(r), Metadata = Describe(r) }, StringComparer.Ordinal),
+        };
         return
         [
-            new ClusterConfig
-            {
-                ClusterId = OpenAiCluster,
-                LoadBalancingPolicy = MeshLoadBalancingPolicy.PolicyName,
-                HealthCheck = health,
-                Metadata = metadata,
-                HttpRequest = new ForwarderRequestConfig
-                {
-                    // The replicas' HTTP endpoint is cleartext HTTP/1.1+2, where Kestrel speaks HTTP/1.1 only.
-                    Version = HttpVersion.Version11,
-                    VersionPolicy = HttpVersionPolicy.RequestVersionOrLower,
-                    ActivityTimeout = _options.StreamActivityTimeout,
-                    AllowResponseBuffering = false,
-                },
-                Destinations = replicas.ToDictionary(r => r.Id, r => new DestinationConfig { Address = r.Address, Metadata = Describe(r) }, StringComparer.Ordinal),
-            },
-            new ClusterConfig
-            {
-                ClusterId = GrpcCluster,
-                LoadBalancingPolicy = MeshLoadBalancingPolicy.PolicyName,
-                HealthCheck = health,
-                Metadata = metadata,
-                HttpRequest = new ForwarderRequestConfig
-                {
-                    // h2c: prior-knowledge HTTP/2 to the replicas' HTTP/2-only gRPC endpoint (pattern 14).
-                    Version = HttpVersion.Version20,
-                    VersionPolicy = HttpVersionPolicy.RequestVersionExact,
-                    ActivityTimeout = _options.StreamActivityTimeout,
-                    AllowResponseBuffering = false,
-                },
-                Destinations = replicas.ToDictionary(r => r.Id, r => new DestinationConfig { Address = r.GrpcAddress, Metadata = Describe(r) }, StringComparer.Ordinal),
-            },
+            // The replicas' HTTP endpoint is cleartext HTTP/1.1+2, where Kestrel speaks HTTP/1.1 only.
+            Cluster(OpenAiCluster, HttpVersion.Version11, HttpVersionPolicy.RequestVersionOrLower, r => r.Address),
+            // h2c: prior-knowledge HTTP/2 to the replicas' HTTP/2-only gRPC endpoint (pattern 14).
+            Cluster(GrpcCluster, HttpVersion.Version20, HttpVersionPolicy.RequestVersionExact, r => r.GrpcAddress),
         ];
     }
 
