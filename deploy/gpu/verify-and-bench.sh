@@ -71,7 +71,7 @@ print("correctness:", "PASS" if ok else "FAIL")
 EOF
 
 echo "== dslactl bench engine"
-timeout "${BENCH_TIMEOUT:-300}" "$here/run.sh" bench engine --json "$out/engine.json" --compare-plain "${bench_args[@]}" 2> "$out/engine.err" | tee "$out/engine.txt"
+timeout "${BENCH_TIMEOUT:-300}" "$here/run.sh" bench engine --json "$out/engine.json" --compare-plain --compare-without-graphs "${bench_args[@]}" 2> "$out/engine.err" | tee "$out/engine.txt"
 echo "bench exit ${PIPESTATUS[0]}"; cat "$out/engine.err"
 
 if [ -z "${SKIP_BASELINE:-}" ]; then

@@ -41,6 +41,8 @@ public static class BenchCommands
         var copyMiB = new Option<int>("--copy-mib") { Description = "Buffer size for the copy-bandwidth measurement (0 = skip).", DefaultValueFactory = _ => 1024 };
         var plainKernels = new Option<bool>("--plain-kernels") { Description = "Measure the plain path (separate projections, composite RMS norm) instead of the fused one." };
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
+        var compareWithoutGraphs = new Option<bool>("--compare-without-graphs") { Description = "Also time every decode cell with CUDA graphs off (before/after)." };
+        var decodeGraphs = new Option<DecodeGraphMode>("--decode-graphs") { Description = "How decode steps run: Auto (CUDA graphs on CUDA), Off, or Segmented (the graph segments, uncaptured).", DefaultValueFactory = _ => DecodeGraphMode.Auto };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
         var decodeFirst = new Option<bool>("--decode-first") { Description = "Measure decode before prefill." };
@@ -48,7 +50,7 @@ public static class BenchCommands
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, cudnnAttention, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, cudnnAttention, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -98,8 +100,9 @@ public static class BenchCommands
                 DecodeSteps = Positive(result.GetValue(steps), "--steps"),
                 CopyBytes = Math.Max(0, result.GetValue(copyMiB)) * 1024L * 1024,
                 Seed = result.GetValue(seed),
-                Kernels = result.GetValue(plainKernels) ? LlamaKernelOptions.Plain : LlamaKernelOptions.Default,
+                Kernels = result.GetValue(plainKernels) ? LlamaKernelOptions.Plain : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs) },
                 ComparePlain = result.GetValue(comparePlain),
+                CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 HostProfile = result.GetValue(hostProfile),
                 DecodeFirst = result.GetValue(decodeFirst),
             };
@@ -170,6 +173,12 @@ public static class BenchCommands
             {
                 text.AppendLine(c, $"plain kernels: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step");
             }
+        }
+        foreach (var d in report.DecodeWithoutGraphs ?? [])
+        {
+            var graphs = report.Decode.FirstOrDefault(x => x.Batch == d.Batch && x.Context == d.Context);
+            var ratio = graphs?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" (graphs {with / without:F2}×)") : "";
+            text.AppendLine(c, $"without graphs: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
         }
         return text.ToString();
     }

@@ -137,7 +137,7 @@ public static unsafe class AtenShim
     /// A handle to an already loaded LibTorch library: by soname first (glibc matches loaded objects by soname), else by
     /// the path this process mapped it from.
     /// </summary>
-    private static nint LoadedLibrary(string soname)
+    internal static nint LoadedLibrary(string soname)
     {
         if (NativeLibrary.TryLoad(soname, out var handle))
         {

@@ -56,6 +56,9 @@ public sealed record EngineBenchmarkSettings
 
     /// <summary>Also time the plain kernels (<see cref="LlamaKernelOptions.Plain"/>) at the first prefill length and batch-1 context: before/after.</summary>
     public bool ComparePlain { get; init; }
+
+    /// <summary>Also time every decode cell with decode graphs off (<see cref="DecodeGraphMode.Off"/>): before/after, same run.</summary>
+    public bool CompareWithoutGraphs { get; init; }
 }
 
 /// <summary>One prefill measurement. Status is <c>ok</c> or <c>oom</c>.</summary>
@@ -92,6 +95,8 @@ public sealed record BenchmarkReport
     public required IReadOnlyList<PrefillMeasurement> Prefill { get; init; }
     public required IReadOnlyList<DecodeMeasurement> Decode { get; init; }
     public PlainKernelMeasurements? PlainKernels { get; init; }
+    /// <summary>The decode cells again with decode graphs off (when asked for and the main run used them).</summary>
+    public IReadOnlyList<DecodeMeasurement>? DecodeWithoutGraphs { get; init; }
     public IReadOnlyDictionary<string, string> Notes { get; init; } = new Dictionary<string, string>();
     public required string Timestamp { get; init; }
 }
@@ -149,6 +154,7 @@ public static class EngineBenchmark
         BenchmarkModelInfo info;
         IReadOnlyList<PrefillMeasurement> prefill;
         IReadOnlyList<DecodeMeasurement> decode;
+        var usedGraphs = false;
         try
         {
             model.InitializeRandom(settings.Seed);
@@ -156,6 +162,8 @@ public static class EngineBenchmark
             info = new BenchmarkModelInfo(config.HiddenSize, config.NumHiddenLayers, config.NumAttentionHeads, config.NumKeyValueHeads,
                 config.IntermediateSize, config.VocabSize, model.parameters().Sum(p => p.NumberOfElements), model.WeightBytes, model.DecodeWeightReadBytes);
             log($"model: {info.Parameters / 1e9:F2}B parameters, {info.WeightBytes / 1e9:F2} GB of weights, built on {device} in {stopwatch.Elapsed.TotalSeconds:F1} s");
+            notes["decode_graphs"] = model.DecodeGraphStatus;
+            log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
             if (budget is { } b)
             {
@@ -169,17 +177,24 @@ public static class EngineBenchmark
                     log($"host µs per call, {name}: {micros:F1}");
                 }
             }
-            List<DecodeMeasurement> MeasureAllDecode() => settings.DecodeBatches
-                .SelectMany(b => settings.DecodeContexts.Select(c => (b, c)))
-                .Select(p => MeasureDecode(model, p.b, p.c, settings, device, cuda, budget, log))
-                .ToList();
-            var early = settings.DecodeFirst ? MeasureAllDecode() : null;
+            var early = settings.DecodeFirst ? MeasureDecodeGrid(model, settings, device, cuda, budget, log) : null;
             prefill = settings.PrefillTokens.Select(t => MeasurePrefill(model, t, settings, device, cuda, budget, log)).ToList();
-            decode = early ?? MeasureAllDecode();
+            decode = early ?? MeasureDecodeGrid(model, settings, device, cuda, budget, log);
+            usedGraphs = model.DecodeGraphStatus == "cuda graphs";
         }
         finally
         {
             model.Dispose();
+        }
+
+        List<DecodeMeasurement>? withoutGraphs = null;
+        if (settings.CompareWithoutGraphs && usedGraphs)
+        {
+            log("decode without CUDA graphs (before/after): every op launched from the host");
+            using var eager = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeGraphs = DecodeGraphMode.Off });
+            eager.InitializeRandom(settings.Seed);
+            var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
+            withoutGraphs = MeasureDecodeGrid(eager, settings, device, cuda, budget, log);
         }
 
         PlainKernelMeasurements? plain = null;
@@ -206,10 +221,17 @@ public static class EngineBenchmark
             Prefill = prefill,
             Decode = decode,
             PlainKernels = plain,
+            DecodeWithoutGraphs = withoutGraphs,
             Notes = notes,
             Timestamp = DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", System.Globalization.CultureInfo.InvariantCulture),
         };
     }
+
+    private static List<DecodeMeasurement> MeasureDecodeGrid(LlamaForCausalLM model, EngineBenchmarkSettings settings, Device device, bool cuda, long? budget, Action<string> log) =>
+        settings.DecodeBatches
+            .SelectMany(b => settings.DecodeContexts.Select(c => (b, c)))
+            .Select(p => MeasureDecode(model, p.b, p.c, settings, device, cuda, budget, log))
+            .ToList();
 
     /// <summary>Device-to-device copy of a <paramref name="bytes"/>-byte buffer: (read + written bytes) / time, in GB/s.</summary>
     public static double MeasureCopyBandwidth(long bytes, Device device, bool cuda)

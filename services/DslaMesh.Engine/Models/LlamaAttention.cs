@@ -74,14 +74,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         var (b, t) = (xShape[0], xShape[1]);
         if (context.SinSigned is not null && UsesFusedProjections)
         {
-            // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
-            var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
-            var rolled = qkv.roll(_headDim / 2, -1);
-            var qkCount = _heads + _kvHeads;
-            var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), context.CosTokenMajor, context.SinSignedTokenMajor!);
-            var fq = rotated.narrow(2, 0, _heads).transpose(1, 2);
-            var fk = rotated.narrow(2, _heads, _kvHeads).transpose(1, 2);
-            var fv = qkv.narrow(2, qkCount, _kvHeads).transpose(1, 2);
+            var (fq, fk, fv) = ProjectFused(x, b, t, context.CosTokenMajor, context.SinSignedTokenMajor!);
             return (fq.MoveToOuterDisposeScope(), fk.MoveToOuterDisposeScope(), fv.MoveToOuterDisposeScope());
         }
         var q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
@@ -89,6 +82,24 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         var v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
         q = RotaryEmbedding.Apply(q, context.Cos, context.Sin);
         k = RotaryEmbedding.Apply(k, context.Cos, context.Sin);
+        return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// The fused projection (requires <see cref="UsesFusedProjections"/>): q [B, H, T, hd], k and v [B, Hkv, T, hd] for
+    /// x [B, T, D], RoPE from cos and signed sin laid out token-major [B, T, 1, hd]. Returns views of one new tensor.
+    /// </summary>
+    internal (Tensor Q, Tensor K, Tensor V) ProjectFused(Tensor x, long b, long t, Tensor cosTokenMajor, Tensor sinSignedTokenMajor)
+    {
+        using var scope = NewDisposeScope();
+        // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
+        var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
+        var rolled = qkv.roll(_headDim / 2, -1);
+        var qkCount = _heads + _kvHeads;
+        var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), cosTokenMajor, sinSignedTokenMajor);
+        var q = rotated.narrow(2, 0, _heads).transpose(1, 2);
+        var k = rotated.narrow(2, _heads, _kvHeads).transpose(1, 2);
+        var v = qkv.narrow(2, qkCount, _kvHeads).transpose(1, 2);
         return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
 
@@ -108,21 +119,40 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     {
         ArgumentNullException.ThrowIfNull(residual);
         using var scope = NewDisposeScope();
-        if (_qkv is null || _o.Bias is not null || is_grad_enabled() || !residual.is_contiguous())
+        if (!AddsInPlace || is_grad_enabled() || !residual.is_contiguous())
         {
             return (residual + Forward(x, context, layer)).MoveToOuterDisposeScope();
         }
-        var merged = Mix(x, context, layer);
-        residual.view(-1, _hidden).addmm_(merged.reshape(-1, _heads * _headDim), _o.WeightTransposed);
+        AddOutputTo(residual, Mix(x, context, layer));
         return residual;
+    }
+
+    /// <summary>Whether the output projection can add into a residual in place (fused weights, no bias).</summary>
+    internal bool AddsInPlace => _qkv is not null && _o.Bias is null;
+
+    /// <summary>residual [B, T, D] += o_proj(merged [B, T, H·hd]), as one GEMM with β = 1 (requires <see cref="AddsInPlace"/>).</summary>
+    internal void AddOutputTo(Tensor residual, Tensor merged)
+    {
+        using var scope = NewDisposeScope();
+        residual.view(-1, _hidden).addmm_(merged.reshape(-1, _heads * _headDim), _o.WeightTransposed);
     }
 
     /// <summary>Attention before the output projection: x [B, T, D] → [B, T, H·hd].</summary>
     private Tensor Mix(Tensor x, ForwardContext context, int layer)
     {
         using var scope = NewDisposeScope();
-        var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
         var (q, k, v) = Project(x, context);
+        return MixProjected(q, k, v, context, layer).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Attention of projected q [B, H, T, hd], k, v [B, Hkv, T, hd] over each row's cache (appending k and v to it):
+    /// [B, T, H·hd], before the output projection.
+    /// </summary>
+    internal Tensor MixProjected(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
         Tensor output;
         if (context.Caches is null)
         {

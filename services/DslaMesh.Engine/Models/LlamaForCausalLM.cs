@@ -22,6 +22,7 @@ public sealed class LlamaForCausalLM : nn.Module
     private readonly Projection? _lmHead;       // null when tied to the embeddings
     private readonly RotaryEmbedding _rotary;
     private readonly LlamaDecoderLayer[] _layerArray;
+    private readonly DecodeGraphs _decodeGraphs;
 
     public LlamaForCausalLM(LlamaConfig config, ScalarType dtype, Device device, int? maxPositions = null, LlamaKernelOptions? kernels = null) : base("LlamaForCausalLM")
     {
@@ -37,6 +38,7 @@ public sealed class LlamaForCausalLM : nn.Module
         _lmHead = config.TieWordEmbeddings ? null : new Projection(config.HiddenSize, config.VocabSize, false, dtype, device);
         _rotary = new RotaryEmbedding(config, maxPositions ?? config.MaxPositionEmbeddings, device);
         RegisterComponents();
+        _decodeGraphs = new DecodeGraphs(this, Kernels.DecodeGraphs);
     }
 
     public LlamaConfig Config { get; }
@@ -45,6 +47,9 @@ public sealed class LlamaForCausalLM : nn.Module
 
     /// <summary>Weight layout and fused kernels this model was built with.</summary>
     public LlamaKernelOptions Kernels { get; }
+
+    /// <summary>How decode steps run on this model, in words: <c>cuda graphs</c>, <c>off (…why)</c> or <c>segmented (no capture)</c>.</summary>
+    public string DecodeGraphStatus => _decodeGraphs.Status;
 
     /// <summary>The decoder layers.</summary>
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layerArray;
@@ -149,6 +154,11 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </summary>
     public Tensor Forward(Tensor ids, IReadOnlyList<SequenceCache>? caches = null, IReadOnlyList<bool>? dslaLayers = null, bool lastPositionOnly = false)
     {
+        ArgumentNullException.ThrowIfNull(ids);
+        if (_decodeGraphs.Enabled && ids.shape is [var rows, var tokens] && _decodeGraphs.Handles(tokens, rows, caches, dslaLayers))
+        {
+            return _decodeGraphs.Forward(ids, caches!);
+        }
         using var scope = NewDisposeScope();
         var hidden = Hidden(ids, caches, dslaLayers);
         if (lastPositionOnly)
@@ -234,6 +244,7 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         if (disposing)
         {
+            _decodeGraphs.Dispose();
             _rotary.Dispose();
         }
         base.Dispose(disposing);

@@ -10,11 +10,30 @@ public sealed record LlamaKernelOptions
     public static LlamaKernelOptions Default { get; } = new();
 
     /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false };
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
 
     /// <summary>Use LibTorch's fused RMS norm kernel when gradients are off.</summary>
     public bool FusedRmsNorm { get; init; } = true;
+
+    /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
+    public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;
+}
+
+/// <summary>How a decode step (one new token per row, every layer softmax attention) runs.</summary>
+public enum DecodeGraphMode
+{
+    /// <summary>CUDA graphs on CUDA when LibTorch exports them; op by op elsewhere.</summary>
+    Auto,
+
+    /// <summary>Op by op, as prefill runs.</summary>
+    Off,
+
+    /// <summary>
+    /// The graph segments run op by op without capture (on any device): the same work in the same order as the graphs,
+    /// which tests compare with <see cref="Off"/> on CPU.
+    /// </summary>
+    Segmented,
 }

@@ -54,7 +54,7 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     {
         ArgumentNullException.ThrowIfNull(residual);
         using var scope = NewDisposeScope();
-        if (_gateUp is null || _down.Bias is not null || is_grad_enabled() || !residual.is_contiguous())
+        if (!AddsInPlace || is_grad_enabled() || !residual.is_contiguous())
         {
             return (residual + forward(x)).MoveToOuterDisposeScope();
         }
@@ -62,6 +62,9 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
         residual.view(-1, _hidden).addmm_(act.view(-1, _intermediate), _down.WeightTransposed);
         return residual;
     }
+
+    /// <summary>Whether <see cref="AddTo"/> can add into the residual in place (fused gate/up, no down bias).</summary>
+    internal bool AddsInPlace => _gateUp is not null && _down.Bias is null;
 
     private Tensor Activation(Tensor x)
     {

@@ -9,12 +9,13 @@ namespace DslaMesh.Engine.Tests.Inference;
 public sealed class TensorLeakTests
 {
     [Theory]
-    [InlineData(0.0)]
-    [InlineData(0.8)]
-    public void Live_tensor_count_stays_flat_across_decode_steps(double temperature)
+    [InlineData(0.0, DecodeGraphMode.Off)]
+    [InlineData(0.8, DecodeGraphMode.Off)]
+    [InlineData(0.8, DecodeGraphMode.Segmented)]
+    public void Live_tensor_count_stays_flat_across_decode_steps(double temperature, DecodeGraphMode decode)
     {
         var device = TorchRuntime.EnsureCpu();
-        using var model = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device);
+        using var model = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: new LlamaKernelOptions { DecodeGraphs = decode });
         var generator = new TextGenerator(model);
         var parameters = new SamplingParameters { Temperature = temperature, TopP = 0.9, TopK = 50, RepetitionPenalty = 1.1, Seed = 7, MaxTokens = 60, IgnoreEos = true, LogProbs = true };
         var counts = new List<long>();

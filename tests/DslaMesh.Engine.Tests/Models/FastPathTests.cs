@@ -103,6 +103,46 @@ public sealed class FastPathTests
         }
     }
 
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    public void Segmented_decode_steps_equal_op_by_op_decode(int rows)
+    {
+        // The CUDA-graph decode path runs exactly these segments; on CPU they run uncaptured.
+        var device = TorchRuntime.EnsureCpu();
+        using var plain = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: new LlamaKernelOptions { DecodeGraphs = DecodeGraphMode.Off });
+        using var segmented = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: new LlamaKernelOptions { DecodeGraphs = DecodeGraphMode.Segmented });
+        Assert.Equal("off", plain.DecodeGraphStatus);
+        Assert.Equal("segmented (no capture)", segmented.DecodeGraphStatus);
+        using var scope = NewDisposeScope();
+        using var mode = inference_mode();
+        var prompts = tensor(new long[,] { { 5, 6, 7, 8, 9 }, { 40, 41, 42, 43, 44 }, { 9, 99, 199, 3, 4 } }).narrow(0, 0, rows);
+        var plainCaches = Enumerable.Range(0, rows).Select(_ => new SequenceCache(plain.Config.NumHiddenLayers, 16)).ToArray();
+        var segmentedCaches = Enumerable.Range(0, rows).Select(_ => new SequenceCache(segmented.Config.NumHiddenLayers, 16)).ToArray();
+        try
+        {
+            var expected = plain.Forward(prompts, plainCaches, lastPositionOnly: true);
+            var actual = segmented.Forward(prompts, segmentedCaches, lastPositionOnly: true);
+            for (var step = 0; step < 14; step++)   // past capacity 16: rows move to storage of their own mid-way
+            {
+                Assert.True((actual - expected).abs().max().item<float>() <= 1e-6, $"step {step}");
+                var next = expected.argmax(-1);   // [B, 1]
+                expected = plain.Forward(next, plainCaches, lastPositionOnly: true);
+                actual = segmented.Forward(next, segmentedCaches, lastPositionOnly: true);
+                Assert.Equal(new long[] { rows, 1, plain.Config.VocabSize }, actual.shape);
+            }
+            Assert.True((actual - expected).abs().max().item<float>() <= 1e-6, "last step");
+            Assert.All(segmentedCaches, c => Assert.Equal(5 + 14, c.Length));
+        }
+        finally
+        {
+            foreach (var cache in plainCaches.Concat(segmentedCaches))
+            {
+                cache.Dispose();
+            }
+        }
+    }
+
     [Fact]
     public void Allocated_batch_caches_decode_from_an_assumed_length()
     {
