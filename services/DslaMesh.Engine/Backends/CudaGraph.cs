@@ -150,7 +150,7 @@ public sealed unsafe class CudaGraph : IDisposable
         var entries = new Entries(
             (delegate* unmanaged<void*, byte, void>)Find(graphs, "_ZN2at4cuda9CUDAGraphC1Eb", "_ZN2at4cuda9CUDAGraphC1Ev"),
             (delegate* unmanaged<void*, void>)Find(graphs, "_ZN2at4cuda9CUDAGraphD1Ev"),
-            (delegate* unmanaged<void*, ulong, ulong, int, void>)Find(graphs, "_ZN2at4cuda9CUDAGraph13capture_beginESt4pairIyyE20cudaStreamCaptureMode"),
+            (delegate* unmanaged<void*, ulong, ulong, int, void>)Find(graphs, "_ZN2at4cuda9CUDAGraph13capture_beginESt4pairIyyE21cudaStreamCaptureMode"),
             (delegate* unmanaged<void*, void>)Find(graphs, "_ZN2at4cuda9CUDAGraph11capture_endEv"),
             (delegate* unmanaged<void*, void>)Find(graphs, "_ZN2at4cuda9CUDAGraph6replayEv"),
             (delegate* unmanaged<byte, sbyte, CudaStream>)Find(streams, "_ZN3c104cuda17getStreamFromPoolEba"),
