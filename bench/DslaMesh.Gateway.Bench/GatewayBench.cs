@@ -40,6 +40,8 @@ public static class GatewayBench
         }
 
         using var redis = StartRedis(out var redisPort);
+        // Declared before the replica and the gateway, so disposed after them: they still talk to Redis while stopping.
+        using var stopRedis = new RedisStopper(redis);
         var configuration = $"127.0.0.1:{redisPort}";
         await WaitForRedisAsync(configuration);
         await using var stub = await StubReplica.StartAsync(configuration, "bench", FreePort(), FreePort(), chunks);
@@ -97,14 +99,6 @@ public static class GatewayBench
         Directory.CreateDirectory(Path.GetDirectoryName(Path.GetFullPath(output))!);
         await File.WriteAllTextAsync(output, JsonSerializer.Serialize(report, ReportJson));
         Console.WriteLine($"wrote {output}");
-        try
-        {
-            redis.Kill();
-        }
-        catch (InvalidOperationException)
-        {
-            // Already gone.
-        }
         return cells.Any(c => c.Errors > 0) ? 1 : 0;
     }
 
@@ -239,6 +233,22 @@ public static class GatewayBench
         using var listener = new TcpListener(IPAddress.Loopback, 0);
         listener.Start();
         return ((IPEndPoint)listener.LocalEndpoint).Port;
+    }
+
+    /// <summary>Kills the benchmark's redis-server when disposed.</summary>
+    private sealed class RedisStopper(Process redis) : IDisposable
+    {
+        public void Dispose()
+        {
+            try
+            {
+                redis.Kill();
+            }
+            catch (InvalidOperationException)
+            {
+                // Already gone.
+            }
+        }
     }
 
     private static Process StartRedis(out int port)

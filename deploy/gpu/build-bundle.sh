@@ -101,7 +101,7 @@ cp "$root/deploy/gpu/bench_transformers.py" "$root/deploy/gpu/compare.py" "$root
 cp "$root/deploy/gpu/README.md" "$stage/" 2>/dev/null || true
 git -C "$root" rev-parse HEAD > "$stage/VERSION" 2>/dev/null || echo unknown > "$stage/VERSION"
 
-mkdir -p "$out"
+mkdir -p "$out" && out="$(cd "$out" && pwd)"   # the packing below runs from another folder
 archive="$out/$name.tar.xz"
 (cd "$work" && tar -cf - "$name" | xz -9e -T2 > "$archive.tmp")
 mv "$archive.tmp" "$archive"
