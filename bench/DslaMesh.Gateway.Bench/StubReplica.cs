@@ -1,3 +1,5 @@
+using System.Diagnostics;
+using System.Globalization;
 using System.Text;
 using System.Text.Json;
 using DslaMesh.Fleet;
@@ -8,9 +10,10 @@ using StackExchange.Redis;
 namespace DslaMesh.Gateway.Bench;
 
 /// <summary>
-/// A replica that answers instantly: SSE and gRPC streams of a fixed number of token-sized chunks, /health, and a
-/// registration plus metrics in Redis like a model service. With no model time in the way, what remains of a request's
-/// latency is HTTP, the proxy and the client.
+/// A replica without a model: SSE and gRPC streams of a fixed number of token-sized chunks, either all at once or one
+/// per token interval, /health, and a registration plus metrics in Redis like a model service. Each chunk's text is the
+/// Stopwatch timestamp of its write (<c>" t123…"</c>), so the client measures its delivery time. With no model time in
+/// the way, what remains of a request's latency is HTTP, the proxy and the client.
 /// </summary>
 public sealed class StubReplica : IAsyncDisposable
 {
@@ -29,7 +32,7 @@ public sealed class StubReplica : IAsyncDisposable
 
     public ServiceRegistration Registration { get; }
 
-    public static async Task<StubReplica> StartAsync(string redis, string prefix, int httpPort, int grpcPort, int chunks)
+    public static async Task<StubReplica> StartAsync(string redis, string prefix, int httpPort, int grpcPort, int chunks, TimeSpan interval)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
@@ -39,17 +42,19 @@ public sealed class StubReplica : IAsyncDisposable
             k.ListenLocalhost(grpcPort, o => o.Protocols = Microsoft.AspNetCore.Server.Kestrel.Core.HttpProtocols.Http2);
         });
         builder.Services.AddGrpc();
-        builder.Services.AddSingleton(new StubGeneration(chunks));
+        builder.Services.AddSingleton(new StubGeneration(chunks, interval));
         var app = builder.Build();
-        var payloads = Enumerable.Range(0, chunks).Select(i => Encoding.UTF8.GetBytes(
-            $"data: {{\"id\":\"cmpl-bench\",\"object\":\"text_completion\",\"created\":0,\"model\":\"stub\",\"choices\":[{{\"index\":0,\"text\":\" tok{i}\",\"logprobs\":null,\"finish_reason\":{(i == chunks - 1 ? "\"length\"" : "null")}}}]}}\n\n")).ToArray();
         app.MapPost("/v1/completions", async (HttpContext context) =>
         {
             await context.Request.Body.CopyToAsync(Stream.Null, context.RequestAborted);
             context.Response.ContentType = "text/event-stream";
             await context.Response.StartAsync(context.RequestAborted);
-            foreach (var payload in payloads)
+            for (var i = 0; i < chunks; i++)
             {
+                await StubGeneration.PaceAsync(i, interval, context.RequestAborted);
+                var finish = i == chunks - 1 ? "\"length\"" : "null";
+                var payload = Encoding.UTF8.GetBytes(
+                    $"data: {{\"id\":\"cmpl-bench\",\"object\":\"text_completion\",\"created\":0,\"model\":\"stub\",\"choices\":[{{\"index\":0,\"text\":\"{StubGeneration.Stamp()}\",\"logprobs\":null,\"finish_reason\":{finish}}}]}}\n\n");
                 await context.Response.Body.WriteAsync(payload, context.RequestAborted);
                 await context.Response.Body.FlushAsync(context.RequestAborted);
             }
@@ -101,15 +106,28 @@ public sealed class StubReplica : IAsyncDisposable
 public sealed class StubGeneration : Generation.GenerationBase
 {
     private readonly int _chunks;
+    private readonly TimeSpan _interval;
 
-    public StubGeneration(int chunks) => _chunks = chunks;
+    public StubGeneration(int chunks, TimeSpan interval)
+    {
+        _chunks = chunks;
+        _interval = interval;
+    }
+
+    /// <summary>A chunk's text: the current Stopwatch timestamp, <c>" t123…"</c>.</summary>
+    public static string Stamp() => string.Create(CultureInfo.InvariantCulture, $" t{Stopwatch.GetTimestamp()}");
+
+    /// <summary>Waits one token interval before every chunk but the first.</summary>
+    public static Task PaceAsync(int chunk, TimeSpan interval, CancellationToken cancellationToken) =>
+        chunk > 0 && interval > TimeSpan.Zero ? Task.Delay(interval, cancellationToken) : Task.CompletedTask;
 
     /// <inheritdoc/>
     public override async Task Generate(GenerateRequest request, IServerStreamWriter<GenerateResponse> responseStream, ServerCallContext context)
     {
         for (var i = 0; i < _chunks - 1; i++)
         {
-            var message = new GenerateResponse { Text = $" tok{i}" };
+            await PaceAsync(i, _interval, context.CancellationToken);
+            var message = new GenerateResponse { Text = Stamp() };
             message.TokenIds.Add(i);
             await responseStream.WriteAsync(message, context.CancellationToken);
         }
