@@ -43,7 +43,6 @@ public static class BenchCommands
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
         var compareWithoutGraphs = new Option<bool>("--compare-without-graphs") { Description = "Also time every decode cell with CUDA graphs off (before/after)." };
         var decodeGraphs = new Option<DecodeGraphMode>("--decode-graphs") { Description = "How decode steps run: Auto (CUDA graphs on CUDA), Off, or Segmented (the graph segments, uncaptured).", DefaultValueFactory = _ => DecodeGraphMode.Auto };
-        var matmulDecodeRows = new Option<int>("--matmul-decode-min-rows") { Description = "Decode attention of at least this many rows over 4096+ keys runs as matrix products (0: always SDPA).", DefaultValueFactory = _ => LlamaKernelOptions.Default.MatmulDecodeMinRows };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
         var decodeFirst = new Option<bool>("--decode-first") { Description = "Measure decode before prefill." };
@@ -51,7 +50,7 @@ public static class BenchCommands
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, matmulDecodeRows, cudnnAttention, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, cudnnAttention, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -101,7 +100,7 @@ public static class BenchCommands
                 DecodeSteps = Positive(result.GetValue(steps), "--steps"),
                 CopyBytes = Math.Max(0, result.GetValue(copyMiB)) * 1024L * 1024,
                 Seed = result.GetValue(seed),
-                Kernels = result.GetValue(plainKernels) ? LlamaKernelOptions.Plain : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), MatmulDecodeMinRows = Math.Max(0, result.GetValue(matmulDecodeRows)) },
+                Kernels = result.GetValue(plainKernels) ? LlamaKernelOptions.Plain : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs) },
                 ComparePlain = result.GetValue(comparePlain),
                 CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 HostProfile = result.GetValue(hostProfile),

@@ -29,15 +29,9 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly FusedLinear? _qkv;
     private readonly long _hidden;
 
-    private readonly int _matmulDecodeMinRows;
-    private readonly int _matmulDecodeMinKeys;
-
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaAttention")
     {
         ArgumentNullException.ThrowIfNull(config);
-        kernels ??= LlamaKernelOptions.Default;
-        var fuseProjections = kernels.FuseProjections;
-        (_matmulDecodeMinRows, _matmulDecodeMinKeys) = (kernels.MatmulDecodeMinRows, kernels.MatmulDecodeMinKeys);
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
@@ -205,13 +199,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         // Fold the query heads of each KV group into the query axis: [B, Hkv, group·T, hd].
         var grouped = group == 1 ? q : q.reshape(b, _kvHeads, group * t, _headDim);
         Tensor result;
-        if (t == 1 && _matmulDecodeMinRows > 0 && b >= _matmulDecodeMinRows && l >= _matmulDecodeMinKeys)
-        {
-            // [B, Hkv, group, L] scores, softmax in fp32, then [B, Hkv, group, hd].
-            var scores = matmul(grouped, keys.transpose(2, 3)).to(ScalarType.Float32).mul_(1.0 / Math.Sqrt(_headDim));
-            result = matmul(scores.softmax(-1).to(q.dtype), values);
-        }
-        else if (t == 1)
+        if (t == 1)
         {
             result = nn.functional.scaled_dot_product_attention(grouped, keys, values);
         }

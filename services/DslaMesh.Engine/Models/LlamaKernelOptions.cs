@@ -10,24 +10,13 @@ public sealed record LlamaKernelOptions
     public static LlamaKernelOptions Default { get; } = new();
 
     /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off, MatmulDecodeMinRows = 0 };
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
 
     /// <summary>Use LibTorch's fused RMS norm kernel when gradients are off.</summary>
     public bool FusedRmsNorm { get; init; } = true;
-
-    /// <summary>
-    /// Decode attention (one query per row) over at least <see cref="MatmulDecodeMinKeys"/> keys for at least this many
-    /// rows runs as two batched matrix products around an fp32 softmax instead of SDPA; 0 never. On an H200 (bf16,
-    /// 32 heads, hd 128) FlashAttention's kernel leaves most SMs idle with so few queries: at 8 rows the products take
-    /// 150 / 283 / 542 µs per layer at 4k / 8k / 16k keys against 197 / 416 / 853 µs; at one row FlashAttention wins.
-    /// </summary>
-    public int MatmulDecodeMinRows { get; init; } = 8;
-
-    /// <summary>See <see cref="MatmulDecodeMinRows"/>.</summary>
-    public int MatmulDecodeMinKeys { get; init; } = 4096;
 
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;

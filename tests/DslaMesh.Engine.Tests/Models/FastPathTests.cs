@@ -144,38 +144,6 @@ public sealed class FastPathTests
     }
 
     [Fact]
-    public void Matmul_decode_attention_matches_sdpa()
-    {
-        var device = TorchRuntime.EnsureCpu();
-        using var sdpa = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: new LlamaKernelOptions { MatmulDecodeMinRows = 0 });
-        using var products = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: new LlamaKernelOptions { MatmulDecodeMinRows = 3, MatmulDecodeMinKeys = 6 });
-        using var scope = NewDisposeScope();
-        using var mode = inference_mode();
-        var prompts = tensor(new long[,] { { 5, 6, 7, 8 }, { 40, 41, 42, 43 }, { 9, 99, 199, 3 } });
-        var caches = Enumerable.Range(0, 6).Select(_ => new SequenceCache(sdpa.Config.NumHiddenLayers, 16)).ToArray();
-        try
-        {
-            var (a, b) = (caches[..3], caches[3..]);
-            sdpa.Forward(prompts, a);
-            products.Forward(prompts, b);
-            var next = tensor(new long[,] { { 11 }, { 12 }, { 13 } });
-            for (var step = 0; step < 4; step++)   // 5 keys (SDPA in both), then 6 to 8 (products in the second)
-            {
-                var expected = sdpa.Forward(next, a, lastPositionOnly: true);
-                var actual = products.Forward(next, b, lastPositionOnly: true);
-                Assert.True((actual - expected).abs().max().item<float>() <= 1e-4, $"step {step}");
-            }
-        }
-        finally
-        {
-            foreach (var cache in caches)
-            {
-                cache.Dispose();
-            }
-        }
-    }
-
-    [Fact]
     public void Allocated_batch_caches_decode_from_an_assumed_length()
     {
         var device = TorchRuntime.EnsureCpu();
