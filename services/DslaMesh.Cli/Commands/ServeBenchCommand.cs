@@ -31,14 +31,15 @@ public static class ServeBenchCommand
         var maxTokens = new Option<int>("--max-tokens") { Description = "Tokens generated per request.", DefaultValueFactory = _ => 32 };
         var requests = new Option<int>("--requests") { Description = "Requests per cell (at least the concurrency).", DefaultValueFactory = _ => 32 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
+        var noCudaGraphs = new Option<bool>("--no-cuda-graphs") { Description = "Run decode op by op on CUDA instead of replaying CUDA graphs (before/after)." };
         var command = new Command("serve", "Throughput, TTFT and ITL against concurrency at several DSLA fractions, and the stall per conversion.");
-        foreach (var option in new Option[] { model, shape, layers, variant, device, dtype, libTorch, concurrency, fractions, promptTokens, maxTokens, requests, json })
+        foreach (var option in new Option[] { model, shape, layers, variant, device, dtype, libTorch, concurrency, fractions, promptTokens, maxTokens, requests, json, noCudaGraphs })
         {
             command.Options.Add(option);
         }
         command.SetAction((result, cancellationToken) => EngineOptions.GuardAsync(async () =>
         {
-            var backend = new TorchBackendOptions { Device = result.GetValue(device)!, DType = result.GetValue(dtype), LibTorchDirectory = result.GetValue(libTorch)?.FullName };
+            var backend = new TorchBackendOptions { Device = result.GetValue(device)!, DType = result.GetValue(dtype), LibTorchDirectory = result.GetValue(libTorch)?.FullName, CudaGraphs = !result.GetValue(noCudaGraphs) };
             var variantName = result.GetValue(variant)!;
             var options = new ServingBenchmarkOptions
             {
@@ -70,7 +71,7 @@ public static class ServeBenchCommand
                 {
                     var config = RandomShape(result.GetValue(shape)!, result.GetValue(layers), options.PromptTokens + options.MaxTokens);
                     var torchDevice = TorchRuntime.Initialize(backend);
-                    random = new LlamaForCausalLM(config, TorchRuntime.ResolveDType(backend), torchDevice);
+                    random = new LlamaForCausalLM(config, TorchRuntime.ResolveDType(backend), torchDevice, kernels: backend.Kernels);
                     random.InitializeRandom(1234);
                     dsla = DslaLayerSet.Create(random, DslaVariants.Parse(variantName), Enumerable.Range(0, config.NumHiddenLayers), seed: 7);
                     (network, order, name) = (random, Enumerable.Range(0, config.NumHiddenLayers).Reverse().ToArray(), $"random-{result.GetValue(shape)}");

@@ -50,7 +50,12 @@ public sealed unsafe class CudaGraph : IDisposable
     /// <param name="device">The CUDA device the segments run on.</param>
     /// <param name="count">Number of segments.</param>
     /// <param name="warmUp">Runs segment i uncaptured; what it allocates is the caller's to dispose.</param>
-    /// <param name="record">Runs segment i under capture; the tensors it keeps belong to graph i's memory pool.</param>
+    /// <param name="record">Runs segment i under capture; the tensors it keeps belong to the graphs' memory pool.</param>
+    /// <remarks>
+    /// The graphs share one memory pool (<c>at::cuda::graph_pool_handle</c>), which is safe because they are always
+    /// replayed in the order they were captured and never concurrently; where LibTorch lacks the handle each graph gets
+    /// its own pool.
+    /// </remarks>
     /// <exception cref="InvalidOperationException">Graphs are unavailable.</exception>
     public static CudaGraph[] CaptureAll(Device device, int count, Action<int> warmUp, Action<int> record)
     {
@@ -60,6 +65,7 @@ public sealed unsafe class CudaGraph : IDisposable
         var api = Api.Value ?? throw new InvalidOperationException($"CUDA graphs are unavailable: {UnavailableReason}.");
         var index = (sbyte)Math.Max(device.index, 0);
         var graphs = new List<CudaGraph>(count);
+        var pool = api.NewPool();
         cuda.synchronize(device);
         var previous = api.CurrentStream(index);
         api.SetCurrentStream(api.StreamFromPool(0, index));
@@ -74,7 +80,7 @@ public sealed unsafe class CudaGraph : IDisposable
             {
                 var graph = new CudaGraph(api);
                 graphs.Add(graph);
-                api.CaptureBegin(graph._object, 0, 0, CaptureModeThreadLocal);
+                api.CaptureBegin(graph._object, pool.First, pool.Second, CaptureModeThreadLocal);
                 try
                 {
                     record(i);
@@ -147,6 +153,8 @@ public sealed unsafe class CudaGraph : IDisposable
             MissingSymbol ??= names[0];
             return 0;
         }
+        // Optional: without it every graph gets a private pool.
+        _ = NativeLibrary.TryGetExport(graphs, "_ZN2at4cuda17graph_pool_handleEv", out var poolHandle);
         var entries = new Entries(
             (delegate* unmanaged<void*, byte, void>)Find(graphs, "_ZN2at4cuda9CUDAGraphC1Eb", "_ZN2at4cuda9CUDAGraphC1Ev"),
             (delegate* unmanaged<void*, void>)Find(graphs, "_ZN2at4cuda9CUDAGraphD1Ev"),
@@ -155,7 +163,8 @@ public sealed unsafe class CudaGraph : IDisposable
             (delegate* unmanaged<void*, void>)Find(graphs, "_ZN2at4cuda9CUDAGraph6replayEv"),
             (delegate* unmanaged<byte, sbyte, CudaStream>)Find(streams, "_ZN3c104cuda17getStreamFromPoolEba"),
             (delegate* unmanaged<sbyte, CudaStream>)Find(streams, "_ZN3c104cuda20getCurrentCUDAStreamEa"),
-            (delegate* unmanaged<CudaStream, void>)Find(streams, "_ZN3c104cuda20setCurrentCUDAStreamENS0_10CUDAStreamE"));
+            (delegate* unmanaged<CudaStream, void>)Find(streams, "_ZN3c104cuda20setCurrentCUDAStreamENS0_10CUDAStreamE"),
+            (delegate* unmanaged<MempoolId>)poolHandle);
         return MissingSymbol is null ? entries : null;
     }
 
@@ -167,6 +176,10 @@ public sealed unsafe class CudaGraph : IDisposable
         private readonly ulong _id;
     }
 
+    /// <summary><c>at::cuda::MempoolId_t</c> by value: a pair of 64-bit ids; (0, 0) asks for a private pool.</summary>
+    [StructLayout(LayoutKind.Sequential)]
+    private readonly record struct MempoolId(ulong First, ulong Second);
+
     private sealed class Entries(
         delegate* unmanaged<void*, byte, void> construct,
         delegate* unmanaged<void*, void> destruct,
@@ -175,8 +188,10 @@ public sealed unsafe class CudaGraph : IDisposable
         delegate* unmanaged<void*, void> replay,
         delegate* unmanaged<byte, sbyte, CudaStream> streamFromPool,
         delegate* unmanaged<sbyte, CudaStream> currentStream,
-        delegate* unmanaged<CudaStream, void> setCurrentStream)
+        delegate* unmanaged<CudaStream, void> setCurrentStream,
+        delegate* unmanaged<MempoolId> graphPoolHandle)
     {
+        public MempoolId NewPool() => graphPoolHandle is null ? default : graphPoolHandle();
         public void Construct(void* graph, byte keepGraph) => construct(graph, keepGraph);
         public void Destruct(void* graph) => destruct(graph);
         public void CaptureBegin(void* graph, ulong poolFirst, ulong poolSecond, int mode) => captureBegin(graph, poolFirst, poolSecond, mode);

@@ -38,6 +38,15 @@ public sealed class TorchBackendOptions
     /// </summary>
     public bool CudnnAttention { get; set; }
 
+    /// <summary>
+    /// Replay decode steps as CUDA graphs on CUDA (<see cref="Models.DecodeGraphMode.Auto"/>); off runs every op from
+    /// the host. Default: on.
+    /// </summary>
+    public bool CudaGraphs { get; set; } = true;
+
+    /// <summary>The model kernels these options ask for.</summary>
+    public Models.LlamaKernelOptions Kernels => CudaGraphs ? Models.LlamaKernelOptions.Default : Models.LlamaKernelOptions.Default with { DecodeGraphs = Models.DecodeGraphMode.Off };
+
     /// <summary>Whether the device is a CUDA device.</summary>
     public bool IsCuda => Device.StartsWith("cuda", StringComparison.Ordinal);
 }

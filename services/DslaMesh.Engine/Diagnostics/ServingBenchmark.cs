@@ -69,6 +69,11 @@ public static class ServingBenchmark
         long epoch = 0;
         var engineOptions = new ServingEngineOptions { MaxBatchSize = options.MaxBatchSize, MaxQueuedRequests = 4096, PrefillChunkTokens = Math.Max(64, options.PromptTokens) };
         using var engine = new ServingEngine(model, null, engineOptions, conversionOrder, variant);
+        var readiness = await engine.Ready.ConfigureAwait(false);
+        if (readiness.DecodeGraphBatchSizes > 0)
+        {
+            progress?.Invoke($"decode graphs captured for batch sizes 1–{readiness.DecodeGraphBatchSizes} in {readiness.Elapsed.TotalSeconds:F2} s");
+        }
 
         foreach (var fraction in options.DslaFractions)
         {

@@ -78,6 +78,51 @@ internal sealed class DecodeGraphs : IDisposable
         return true;
     }
 
+    /// <summary>
+    /// Captures the graphs of every batch size from 1 to <paramref name="maxRows"/> now (what the first decode step of
+    /// each size would do), so that serving never pauses to capture: continuous batching meets most sizes within its
+    /// first seconds. A no-op unless graphs are captured. Returns how many sizes were captured.
+    /// </summary>
+    public int Prepare(int maxRows)
+    {
+        if (!Enabled || !_capture)
+        {
+            return 0;
+        }
+        var captured = 0;
+        using var mode = inference_mode();
+        lock (_gate)
+        {
+            for (var rows = 1L; rows <= Math.Min(maxRows, MaxBatchSizes); rows++)
+            {
+                if (!_sets.ContainsKey(rows))
+                {
+                    _sets[rows] = NewSet(rows);
+                    captured++;
+                }
+            }
+        }
+        return captured;
+    }
+
+    private SegmentSet NewSet(long rows)
+    {
+        var set = new SegmentSet(_model, rows);
+        if (_capture)
+        {
+            try
+            {
+                set.Capture();
+            }
+            catch
+            {
+                set.Dispose();
+                throw;
+            }
+        }
+        return set;
+    }
+
     /// <summary>One decode step: ids [B, 1] continue caches[b]; returns last-position logits [B, 1, V] (the caller's).</summary>
     public Tensor Forward(Tensor ids, IReadOnlyList<SequenceCache> caches)
     {
@@ -87,11 +132,7 @@ internal sealed class DecodeGraphs : IDisposable
         {
             if (!_sets.TryGetValue(rows, out var set))
             {
-                set = new SegmentSet(_model, rows);
-                if (_capture)
-                {
-                    set.Capture();
-                }
+                set = NewSet(rows);
                 _sets[rows] = set;
             }
             using var context = _model.CreateContext(ids, caches, null);

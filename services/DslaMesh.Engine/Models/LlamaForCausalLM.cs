@@ -51,6 +51,12 @@ public sealed class LlamaForCausalLM : nn.Module
     /// <summary>How decode steps run on this model, in words: <c>cuda graphs</c>, <c>off (…why)</c> or <c>segmented (no capture)</c>.</summary>
     public string DecodeGraphStatus => _decodeGraphs.Status;
 
+    /// <summary>
+    /// Captures the decode graphs of every batch size up to <paramref name="maxRows"/> ahead of traffic (CUDA graphs
+    /// only; otherwise nothing happens). Returns how many batch sizes were captured.
+    /// </summary>
+    public int PrepareDecodeGraphs(int maxRows) => _decodeGraphs.Prepare(maxRows);
+
     /// <summary>The decoder layers.</summary>
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layerArray;
 

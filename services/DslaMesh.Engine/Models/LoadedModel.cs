@@ -56,7 +56,7 @@ public sealed class LoadedModel : IDisposable
     public static LoadedModel Load(string directory, TorchBackendOptions backend, int? maxPositions = null)
     {
         var device = TorchRuntime.Initialize(backend);
-        var model = LlamaForCausalLM.Load(directory, TorchRuntime.ResolveDType(backend), device, maxPositions);
+        var model = LlamaForCausalLM.Load(directory, TorchRuntime.ResolveDType(backend), device, maxPositions, backend.Kernels);
         try
         {
             var tokenizerPath = Path.Combine(directory, "tokenizer.json");

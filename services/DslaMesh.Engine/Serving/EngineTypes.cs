@@ -54,3 +54,6 @@ public sealed class NullServingObserver : IServingObserver
     public void OnLayerChanged(int layer, bool toDsla) { }
     public void OnConversionApplied(double stallSeconds) { }
 }
+
+/// <summary>What the engine prepared before serving: decode graphs for this many batch sizes, in this long.</summary>
+public sealed record EngineReadiness(int DecodeGraphBatchSizes, TimeSpan Elapsed);

@@ -34,6 +34,7 @@ public sealed partial class ServingEngine : IDisposable
     private long _epoch = -1;
     private volatile bool _draining;
     private volatile EngineSnapshot _snapshot;
+    private readonly TaskCompletionSource<EngineReadiness> _ready = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     public ServingEngine(LlamaForCausalLM model, TextTokenizer? tokenizer, ServingEngineOptions options, IReadOnlyList<int> conversionOrder, string variant, IServingObserver? observer = null)
     {
@@ -48,6 +49,9 @@ public sealed partial class ServingEngine : IDisposable
         _thread = new Thread(Loop) { IsBackground = true, Name = "dslamesh-engine" };
         _thread.Start();
     }
+
+    /// <summary>Completes once the engine has prepared what it prepares before serving (decode graphs on CUDA).</summary>
+    public Task<EngineReadiness> Ready => _ready.Task;
 
     /// <summary>The DSLA variant this engine converts to.</summary>
     public string Variant { get; }
@@ -128,6 +132,21 @@ public sealed partial class ServingEngine : IDisposable
     private void Loop()
     {
         using var mode = inference_mode();
+        if (_options.PrepareDecodeGraphs)
+        {
+            // Before the first request: capturing a batch size mid-stream would stall every stream of that step.
+            var watch = System.Diagnostics.Stopwatch.StartNew();
+            try
+            {
+                var sizes = _model.PrepareDecodeGraphs(_options.MaxBatchSize);
+                _ready.TrySetResult(new EngineReadiness(sizes, watch.Elapsed));
+            }
+            catch (Exception e) when (e is not OutOfMemoryException)
+            {
+                _ready.TrySetException(e);
+            }
+        }
+        _ready.TrySetResult(new EngineReadiness(0, TimeSpan.Zero));
         while (!_shutdown.IsCancellationRequested)
         {
             var busy = false;
