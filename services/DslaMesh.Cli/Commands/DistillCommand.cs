@@ -40,6 +40,8 @@ public static class DistillCommand
         var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW weight decay.", DefaultValueFactory = _ => defaults.WeightDecay };
         var gradClip = new Option<double>("--grad-clip") { Description = "Global gradient-norm clip.", DefaultValueFactory = _ => defaults.GradClip };
         var evalWindows = new Option<int>("--eval-windows") { Description = "Held-out windows each layer's loss and the KL are measured on.", DefaultValueFactory = _ => defaults.EvalWindows };
+        var copyFraction = new Option<double>("--copy-fraction") { Description = "Share of training windows that get spans of their own text copied further on (teaches retrieval from the context).", DefaultValueFactory = _ => defaults.CopyFraction };
+        var copyScrambled = new Option<bool>("--copy-scrambled") { Description = "Copied spans repeat tokens drawn at random from the corpus, so only looking them up predicts them.", DefaultValueFactory = _ => defaults.CopyScrambled };
         var seed = new Option<long>("--seed") { Description = "Seed for the DSLA initialisation (layer i: seed + i) and the training windows.", DefaultValueFactory = _ => defaults.Seed };
         var saveDType = new Option<string>("--save-dtype") { Description = "Storage type of the weights written at the end: float32, float16 or bfloat16 (γ stays fp32).", DefaultValueFactory = _ => defaults.SaveDType };
         saveDType.AcceptOnlyFromAmong("float32", "float16", "bfloat16");
@@ -53,7 +55,7 @@ public static class DistillCommand
         var deterministic = new Option<bool>("--deterministic") { Description = "Deterministic algorithms (and math-only attention on CUDA) so a run repeats bit for bit.", DefaultValueFactory = _ => true };
         var tf32 = new Option<bool>("--tf32") { Description = "Allow TF32 tensor-core matmuls on CUDA.", DefaultValueFactory = _ => true };
 
-        var recipeOptions = new Option[] { steps, layers, seqLen, batch, lr, minLr, warmup, gateWeight, klSteps, klLr, weightDecay, gradClip, evalWindows, seed };
+        var recipeOptions = new Option[] { steps, layers, seqLen, batch, lr, minLr, warmup, gateWeight, klSteps, klLr, weightDecay, gradClip, evalWindows, copyFraction, copyScrambled, seed };
         var command = new Command("distill", "Distil DSLA layers from the teacher layer by layer in sensitivity order (chained), then fine-tune them end to end on logit KL.");
         foreach (var option in new Option[] { model, variant, data, device, libTorch, threads }.Concat(recipeOptions)
             .Concat(new Option[] { saveDType, samples, sensitivityLen, resume, stopAfter, logEvery, microBatch, checkpointEvery, deterministic, tf32 }))
@@ -79,6 +81,8 @@ public static class DistillCommand
                 WeightDecay = result.GetValue(weightDecay),
                 GradClip = result.GetValue(gradClip),
                 EvalWindows = result.GetValue(evalWindows),
+                CopyFraction = result.GetValue(copyFraction),
+                CopyScrambled = result.GetValue(copyScrambled),
                 Seed = result.GetValue(seed),
                 SaveDType = result.GetValue(saveDType)!,
             };
@@ -190,6 +194,8 @@ public static class DistillCommand
         conflicts.Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
         conflicts.Check("--grad-clip", requested.GradClip, saved.GradClip);
         conflicts.Check("--eval-windows", requested.EvalWindows, saved.EvalWindows);
+        conflicts.Check("--copy-fraction", requested.CopyFraction, saved.CopyFraction);
+        conflicts.Check("--copy-scrambled", requested.CopyScrambled, saved.CopyScrambled);
         conflicts.Check("--seed", requested.Seed, saved.Seed);
         conflicts.ThrowIfAny($"the {saved.Variant} checkpoint");
         return saved;

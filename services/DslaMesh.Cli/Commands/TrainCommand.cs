@@ -32,6 +32,8 @@ public static class TrainCommand
         var warmup = new Option<int>("--warmup") { Description = "Linear warmup steps.", DefaultValueFactory = _ => defaults.WarmupSteps };
         var weightDecay = new Option<double>("--weight-decay") { Description = "AdamW weight decay (matrices only).", DefaultValueFactory = _ => defaults.WeightDecay };
         var gradClip = new Option<double>("--grad-clip") { Description = "Global gradient-norm clip.", DefaultValueFactory = _ => defaults.GradClip };
+        var copyFraction = new Option<double>("--copy-fraction") { Description = "Share of training windows that get spans of their own text copied further on (teaches retrieval from the context).", DefaultValueFactory = _ => defaults.CopyFraction };
+        var copyScrambled = new Option<bool>("--copy-scrambled") { Description = "Copied spans repeat tokens drawn at random from the corpus, so only looking them up predicts them.", DefaultValueFactory = _ => defaults.CopyScrambled };
         var seed = new Option<long>("--seed") { Description = "Seed for initialisation and batch order.", DefaultValueFactory = _ => defaults.Seed };
         var device = new Option<string>("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
         var libTorch = new Option<DirectoryInfo?>("--libtorch") { Description = "CUDA LibTorch folder (default: ask python3 where torch lives)." };
@@ -47,7 +49,7 @@ public static class TrainCommand
         var deterministic = new Option<bool>("--deterministic") { Description = "Deterministic algorithms (and math-only attention on CUDA) so a run repeats bit for bit.", DefaultValueFactory = _ => true };
         var tf32 = new Option<bool>("--tf32") { Description = "Allow TF32 tensor-core matmuls on CUDA.", DefaultValueFactory = _ => true };
 
-        var recipeOptions = new Option[] { vocab, layers, hidden, heads, kvHeads, intermediate, context, seqLen, batch, steps, epochs, lr, minLr, warmup, weightDecay, gradClip, seed };
+        var recipeOptions = new Option[] { vocab, layers, hidden, heads, kvHeads, intermediate, context, seqLen, batch, steps, epochs, lr, minLr, warmup, weightDecay, gradClip, copyFraction, copyScrambled, seed };
         var command = new Command("train", "Pretrain a Llama-style model from scratch on the Brown corpus and export a Hugging Face folder.");
         foreach (var option in new Option[] { output, data, tokenizer }.Concat(recipeOptions).Concat(new Option[] { device, libTorch, threads, evalEvery, evalTokens, checkpointEvery, logEvery, export, stopAfter, resume, deterministic, tf32 }))
         {
@@ -77,6 +79,8 @@ public static class TrainCommand
                 WarmupSteps = result.GetValue(warmup),
                 WeightDecay = result.GetValue(weightDecay),
                 GradClip = result.GetValue(gradClip),
+                CopyFraction = result.GetValue(copyFraction),
+                CopyScrambled = result.GetValue(copyScrambled),
                 Seed = result.GetValue(seed),
             };
             if (result.GetValue(resume))
@@ -150,6 +154,8 @@ public static class TrainCommand
         conflicts.Check("--warmup", requested.WarmupSteps, saved.WarmupSteps);
         conflicts.Check("--weight-decay", requested.WeightDecay, saved.WeightDecay);
         conflicts.Check("--grad-clip", requested.GradClip, saved.GradClip);
+        conflicts.Check("--copy-fraction", requested.CopyFraction, saved.CopyFraction);
+        conflicts.Check("--copy-scrambled", requested.CopyScrambled, saved.CopyScrambled);
         conflicts.Check("--seed", requested.Seed, saved.Seed);
         conflicts.ThrowIfAny("the checkpoint");
         return saved;

@@ -56,6 +56,12 @@ public sealed record DistillationRecipe
     /// <summary>Held-out windows (of <see cref="SeqLen"/>) each layer's loss and the KL are measured on.</summary>
     [JsonPropertyName("eval_windows")] public int EvalWindows { get; init; } = 8;
 
+    /// <summary>Share of training windows with copied spans (<see cref="Training.CopySpans"/>), as the teacher was trained.</summary>
+    [JsonPropertyName("copy_fraction")] public double CopyFraction { get; init; }
+
+    /// <summary>Copied spans repeat tokens drawn at random from the corpus instead of the window's own text.</summary>
+    [JsonPropertyName("copy_scrambled")] public bool CopyScrambled { get; init; } = true;
+
     /// <summary>Seeds the DSLA initialisation (layer i uses seed + i) and the training windows.</summary>
     [JsonPropertyName("seed")] public long Seed { get; init; } = 1234;
 
@@ -103,6 +109,7 @@ public sealed record DistillationRecipe
         Require(WeightDecay >= 0, "--weight-decay must not be negative.");
         Require(GradClip > 0, "--grad-clip must be positive.");
         Require(EvalWindows >= 1, "--eval-windows must be positive.");
+        Require(CopyFraction is >= 0 and <= 1, "--copy-fraction must be in [0, 1].");
         Require(TorchRuntime.ParseDType(SaveDType) is not null, SaveDTypeError);
     }
 }

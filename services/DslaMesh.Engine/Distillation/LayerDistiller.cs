@@ -108,7 +108,7 @@ public sealed class LayerDistiller
             backends.cudnn.allow_tf32 = _run.AllowTf32;
         }
 
-        var windows = new TokenWindows(trainStream, _recipe.SeqLen, _recipe.Seed);
+        var windows = new TokenWindows(trainStream, _recipe.SeqLen, _recipe.Seed, _recipe.CopyFraction, _recipe.CopyScrambled);
         using var evalIds = LayerSensitivity.Batch(LayerSensitivity.EvenlySpacedWindows(heldOutStream, _recipe.EvalWindows, _recipe.SeqLen), _model.Device);
         var state = resume ?? new DistillationState
         {

@@ -100,7 +100,7 @@ public sealed class LanguageModelTrainer
         {
             throw new ArgumentException($"The training data encodes to {trainStream.Length} tokens; the checkpoint was trained on {resume.TrainTokens}. Resume with the same data.");
         }
-        var windows = new TokenWindows(trainStream, _recipe.SeqLen, _recipe.Seed);
+        var windows = new TokenWindows(trainStream, _recipe.SeqLen, _recipe.Seed, _recipe.CopyFraction, _recipe.CopyScrambled);
         var totalSteps = _recipe.Steps > 0 ? _recipe.Steps : Math.Max(1, (int)Math.Ceiling(_recipe.Epochs * windows.WindowsPerEpoch / _recipe.Batch));
         var evalEvery = _run.EvalEvery > 0 ? _run.EvalEvery : Math.Max(1, totalSteps / 20);
         var checkpointEvery = _run.CheckpointEvery > 0 ? _run.CheckpointEvery : evalEvery;

@@ -22,12 +22,21 @@ public sealed record TrainingCorpus(string Name, IReadOnlyList<string> Train, IR
 public sealed class TokenWindows
 {
     private readonly long _seed;
+    private readonly double _copyFraction;
+    private readonly bool _scrambleCopies;
     private int _cachedEpoch = -1;
     private int[] _cachedOrder = [];
     private int _cachedOffset;
 
-    public TokenWindows(int[] tokens, int seqLen, long seed)
+    /// <param name="tokens">The token stream.</param>
+    /// <param name="seqLen">Tokens per training sequence.</param>
+    /// <param name="seed">Seeds the window order and the copied spans.</param>
+    /// <param name="copyFraction">Share of windows that get copied spans (<see cref="CopySpans"/>); 0 leaves the text as it is.</param>
+    /// <param name="scrambleCopies">Fill each copied span's source with tokens drawn from the whole stream first.</param>
+    public TokenWindows(int[] tokens, int seqLen, long seed, double copyFraction = 0, bool scrambleCopies = false)
     {
+        ArgumentOutOfRangeException.ThrowIfLessThan(copyFraction, 0);
+        ArgumentOutOfRangeException.ThrowIfGreaterThan(copyFraction, 1);
         if (tokens.Length < seqLen + 1)
         {
             throw new ArgumentException($"The training data has {tokens.Length} tokens; a sequence needs {seqLen + 1}. Use a shorter --seq-len or more data.");
@@ -35,6 +44,8 @@ public sealed class TokenWindows
         Tokens = tokens;
         SeqLen = seqLen;
         _seed = seed;
+        _copyFraction = copyFraction;
+        _scrambleCopies = scrambleCopies;
         MaxOffset = Math.Min(seqLen - 1, tokens.Length - seqLen - 1);
         WindowsPerEpoch = ((tokens.Length - seqLen - 1 - MaxOffset) / seqLen) + 1;
     }
@@ -77,10 +88,16 @@ public sealed class TokenWindows
         var result = new long[batch * (SeqLen + 1)];
         for (var row = 0; row < batch; row++)
         {
-            var start = StartOf((step * batch) + row);
+            var sample = (step * batch) + row;
+            var window = result.AsSpan(row * (SeqLen + 1), SeqLen + 1);
+            var start = StartOf(sample);
             for (var t = 0; t <= SeqLen; t++)
             {
-                result[(row * (SeqLen + 1)) + t] = Tokens[start + t];
+                window[t] = Tokens[start + t];
+            }
+            if (_copyFraction > 0)
+            {
+                CopySpans.Apply(window, _copyFraction, new SplitMix64(Mix(_seed ^ CopySpans.SeedSalt, sample)), _scrambleCopies ? Tokens : default);
             }
         }
         return result;
@@ -102,7 +119,61 @@ public sealed class TokenWindows
         return windows;
     }
 
-    private static ulong Mix(long seed, int epoch) => unchecked(((ulong)seed * 0x9E3779B97F4A7C15UL) ^ ((ulong)(epoch + 1) * 0xD1B54A32D192ED03UL));
+    private static ulong Mix(long seed, long epoch) => unchecked(((ulong)seed * 0x9E3779B97F4A7C15UL) ^ ((ulong)(epoch + 1) * 0xD1B54A32D192ED03UL));
+}
+
+/// <summary>
+/// Copy-span augmentation: a window, with probability <c>fraction</c>, gets 1–<see cref="MaxSpans"/> spans of
+/// <see cref="MinLength"/>–<see cref="MaxLength"/> of its own tokens copied to a later place in it (overwriting what was
+/// there). Brown text alone rarely repeats anything far back, and a 7 M-parameter model trained on it never learns to
+/// look things up in its context (0/10 passkeys at 512 tokens); repeated spans reward induction-style copying, which is
+/// what passkey and key–value retrieval need, without ever showing the probes' templates. Scrambled copies first fill
+/// the source with tokens drawn from random places of the stream (its unigram distribution), so the copy can only be
+/// predicted by looking it up, not from the text's own regularities.
+/// </summary>
+public static class CopySpans
+{
+    /// <summary>Fewest tokens in a copied span.</summary>
+    public const int MinLength = 16;
+
+    /// <summary>Most tokens in a copied span.</summary>
+    public const int MaxLength = 128;
+
+    /// <summary>Most spans copied into one window.</summary>
+    public const int MaxSpans = 8;
+
+    /// <summary>Keeps the span draws independent of the window-order draws of the same seed.</summary>
+    internal const long SeedSalt = 0x43_4F_50_59;
+
+    /// <summary>Copies spans within <paramref name="window"/> in place, drawing everything from <paramref name="random"/>.</summary>
+    /// <param name="window">Token ids, changed in place.</param>
+    /// <param name="fraction">Probability that the window gets spans at all.</param>
+    /// <param name="random">The draws.</param>
+    /// <param name="scrambleFrom">When not empty, each source span is first refilled with tokens drawn from it.</param>
+    public static void Apply(Span<long> window, double fraction, SplitMix64 random, ReadOnlySpan<int> scrambleFrom = default)
+    {
+        // Uniform in [0, 1) from the top 53 bits.
+        if ((random.Next() >> 11) * (1.0 / (1UL << 53)) >= fraction)
+        {
+            return;
+        }
+        var spans = 1 + (int)random.NextBelow(MaxSpans);
+        for (var i = 0; i < spans; i++)
+        {
+            var length = Math.Min(MinLength + (int)random.NextBelow(MaxLength - MinLength + 1), window.Length / 2);
+            if (length < 1)
+            {
+                return;
+            }
+            var source = (int)random.NextBelow((ulong)(window.Length - (2 * length)) + 1);
+            var target = source + length + (int)random.NextBelow((ulong)(window.Length - source - (2 * length)) + 1);
+            for (var t = 0; t < length && !scrambleFrom.IsEmpty; t++)
+            {
+                window[source + t] = scrambleFrom[(int)random.NextBelow((ulong)scrambleFrom.Length)];
+            }
+            window.Slice(source, length).CopyTo(window.Slice(target, length));
+        }
+    }
 }
 
 /// <summary>SplitMix64 (Steele, Lea, Flood 2014): a tiny PRNG whose output is fixed forever, unlike System.Random's.</summary>

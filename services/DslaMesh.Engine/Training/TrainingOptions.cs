@@ -51,6 +51,12 @@ public sealed record TrainingRecipe
     /// <summary>Standard deviation of the normal initialisation (residual output projections get std / √(2·layers)).</summary>
     [JsonPropertyName("init_std")] public double InitStd { get; init; } = 0.02;
 
+    /// <summary>Share of training windows that get copied spans (<see cref="CopySpans"/>), so the model learns to retrieve from its context.</summary>
+    [JsonPropertyName("copy_fraction")] public double CopyFraction { get; init; }
+
+    /// <summary>Copied spans repeat tokens drawn at random from the corpus instead of the window's own text.</summary>
+    [JsonPropertyName("copy_scrambled")] public bool CopyScrambled { get; init; } = true;
+
     /// <summary>Seeds initialisation and batch sampling.</summary>
     [JsonPropertyName("seed")] public long Seed { get; init; } = 1234;
 
@@ -99,6 +105,7 @@ public sealed record TrainingRecipe
         Require(WarmupSteps >= 0, "--warmup must not be negative.");
         Require(WeightDecay >= 0, "--weight-decay must not be negative.");
         Require(GradClip > 0, "--grad-clip must be positive.");
+        Require(CopyFraction is >= 0 and <= 1, "--copy-fraction must be in [0, 1].");
     }
 }
 

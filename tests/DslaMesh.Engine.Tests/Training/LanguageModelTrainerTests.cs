@@ -49,6 +49,7 @@ public sealed class LanguageModelTrainerTests : IDisposable
         Steps = steps,
         PeakLearningRate = 1e-2,
         WarmupSteps = 4,
+        CopyFraction = 0,   // 16-token copies would fill half of these 33-token windows; the windows test covers copying
         Seed = 7,
     };
 
@@ -175,6 +176,62 @@ public sealed class LanguageModelTrainerTests : IDisposable
         Assert.NotEqual(new TokenWindows(tokens, 32, seed: 4).Batch(0, 4), a.Batch(0, 4));
         var evaluation = TokenWindows.EvaluationWindows(100, 32);
         Assert.Equal(99, evaluation.Sum(w => w.Length - 1));             // every token but the first predicted once
+    }
+
+    [Fact]
+    public void Copied_spans_repeat_earlier_text_of_the_window_in_the_requested_share_of_windows()
+    {
+        // Distinct tokens, so a window is untouched exactly when it counts up by one at every position.
+        var tokens = Enumerable.Range(0, 20_000).ToArray();
+        const int SeqLen = 255;
+        var plain = new TokenWindows(tokens, SeqLen, seed: 7);
+        var copied = new TokenWindows(tokens, SeqLen, seed: 7, copyFraction: 0.5);
+        Assert.Equal(plain.Batch(3, 8), new TokenWindows(tokens, SeqLen, seed: 7, copyFraction: 0).Batch(3, 8));
+        Assert.Equal(copied.Batch(5, 8), new TokenWindows(tokens, SeqLen, seed: 7, copyFraction: 0.5).Batch(5, 8));
+
+        var changed = 0;
+        const int Windows = 400;
+        for (var sample = 0; sample < Windows; sample++)
+        {
+            var original = plain.Batch(sample, 1);
+            var window = copied.Batch(sample, 1);
+            var differs = Enumerable.Range(0, window.Length).Where(i => window[i] != original[i]).ToArray();
+            if (differs.Length == 0)
+            {
+                continue;
+            }
+            changed++;
+            // Every overwritten token repeats one from earlier in the window; a span overwrites at least MinLength
+            // tokens and never lands before the MinLength tokens it copied.
+            Assert.All(differs, i => Assert.Contains(window[i], original[..i]));
+            Assert.InRange(differs.Length, CopySpans.MinLength, CopySpans.MaxSpans * CopySpans.MaxLength);
+            Assert.True(differs[0] >= CopySpans.MinLength);
+        }
+        Assert.InRange(changed, Windows * 35 / 100, Windows * 65 / 100);
+    }
+
+    [Fact]
+    public void Scrambled_copies_repeat_tokens_that_the_text_cannot_predict()
+    {
+        var tokens = Enumerable.Range(0, 20_000).ToArray();
+        const int SeqLen = 255;
+        var plain = new TokenWindows(tokens, SeqLen, seed: 9);
+        var scrambled = new TokenWindows(tokens, SeqLen, seed: 9, copyFraction: 1, scrambleCopies: true);
+        for (var sample = 0; sample < 50; sample++)
+        {
+            var original = plain.Batch(sample, 1);
+            var window = scrambled.Batch(sample, 1);
+            // Some MinLength-token run occurs twice, and it is not the window's own text (which never repeats here).
+            var seen = new Dictionary<string, int>();
+            var repeated = Enumerable.Range(0, window.Length - CopySpans.MinLength + 1)
+                .Select(i => (Start: i, Key: string.Join(',', window.AsSpan(i, CopySpans.MinLength).ToArray())))
+                .Where(g => !seen.TryAdd(g.Key, g.Start))
+                .ToList();
+            Assert.NotEmpty(repeated);
+            var (start, key) = repeated[0];
+            Assert.NotEqual(original.AsSpan(seen[key], CopySpans.MinLength).ToArray(), window.AsSpan(seen[key], CopySpans.MinLength).ToArray());
+            Assert.True(start > seen[key]);
+        }
     }
 
     private static void AssertSameTensors(string expectedPath, string actualPath)
