@@ -150,7 +150,10 @@ public sealed class SafeTensorsFile : IDisposable
         var blobs = new List<byte[]>(ordered.Count);
         foreach (var (name, tensor) in ordered)
         {
-            using var cpu = tensor.detach().cpu().contiguous();
+            // The scope keeps detach()'s and cpu()'s results referenced until the copy is done (a temporary can otherwise
+            // be finalised mid-copy: a device-to-host copy on CUDA is long enough for that to happen) and frees them.
+            using var scope = NewDisposeScope();
+            var cpu = tensor.detach().cpu().contiguous();
             var bytes = cpu.bytes.ToArray();
             blobs.Add(bytes);
             header[name] = new Dictionary<string, object>

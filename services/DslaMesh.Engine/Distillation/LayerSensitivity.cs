@@ -94,7 +94,16 @@ public static class LayerSensitivity
                 ids[(r * length) + t] = rows[r][t];
             }
         }
-        return tensor(ids, rows.Count, length).to(device);
+        // The host tensor pins `ids`; keep it referenced until the copy to the device has been made.
+        var host = tensor(ids, rows.Count, length);
+        if (host.device.type == device.type && host.device.index == device.index)
+        {
+            return host;
+        }
+        using (host)
+        {
+            return host.to(device);
+        }
     }
 }
 

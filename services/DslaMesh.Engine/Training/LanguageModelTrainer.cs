@@ -446,8 +446,13 @@ public sealed class LanguageModelTrainer
         return file.Entries.Keys.ToDictionary(name => name, name => file.Read(name).DetachFromDisposeScope(), StringComparer.Ordinal);
     }
 
-    private static Dictionary<string, Tensor> CopyToCpu(LlamaForCausalLM model) =>
-        model.CheckpointTensors().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().clone().DetachFromDisposeScope(), StringComparer.Ordinal);
+    private static Dictionary<string, Tensor> CopyToCpu(LlamaForCausalLM model)
+    {
+        // The scope holds the detach()/cpu() temporaries until the copies are made: an unreferenced temporary can be
+        // finalised (its TensorImpl deleted) while LibTorch still copies from it, which crashed CUDA runs at a checkpoint.
+        using var scope = NewDisposeScope();
+        return model.CheckpointTensors().ToDictionary(kv => kv.Key, kv => kv.Value.detach().cpu().clone().DetachFromDisposeScope(), StringComparer.Ordinal);
+    }
 
     private static void DisposeAll(Dictionary<string, Tensor>? weights)
     {
