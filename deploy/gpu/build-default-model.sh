@@ -27,8 +27,9 @@ trap 'rm -rf "$work"' EXIT
 step() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
 step "train the teacher"
-# LibTorch 2.11 on CUDA has crashed natively (SIGSEGV) at the end of a few runs; a run resumed from its last checkpoint
-# gives the same weights bit for bit, so a crashed run is resumed once.
+# CUDA runs crashed natively at their final checkpoint before TorchSharp temporaries were kept referenced during copies
+# (the likely cause, fixed); a run resumed from its last checkpoint gives the same weights bit for bit, so a crashed run
+# is still resumed once.
 train() { "$dslactl" train --out "$model" --device "$device" --data "$data" --seed 1234 --epochs 10 \
     --log-every 200 --eval-every 240 ${TRAIN_ARGS:-} "$@" >> "$out/train.log" 2>&1; }
 train || { step "training crashed (exit $?); resuming from its checkpoint"; train --resume; }
