@@ -94,16 +94,9 @@ public static class LayerSensitivity
                 ids[(r * length) + t] = rows[r][t];
             }
         }
-        // The host tensor pins `ids`; keep it referenced until the copy to the device has been made.
-        var host = tensor(ids, rows.Count, length);
-        if (host.device.type == device.type && host.device.index == device.index)
-        {
-            return host;
-        }
-        using (host)
-        {
-            return host.to(device);
-        }
+        // One native call builds it on the device: no managed host tensor is left for the finaliser mid-copy, as a
+        // separate `.to(device)` would.
+        return tensor(ids, rows.Count, length, device: device);
     }
 }
 
