@@ -87,16 +87,21 @@ def render(reports: list[dict]) -> str:
             fused = next((x for x in first["decode"] if x["batch"] == d["batch"] and x["context"] == d["context"]), None)
             lines.append(f"| decode batch {d['batch']} ctx {d['context']} (ms/step) | {cell(d['ms_per_step'], d)} | "
                          f"{cell(fused and fused['ms_per_step'], fused)} | {ratio(fused and fused['ms_per_step'], d['ms_per_step'])} |")
-    eager = first.get("decode_without_graphs")
-    if eager:
-        lines += ["", "### Before/after (same run): decode without and with CUDA graphs, ms per step", "",
-                  "| batch | context | without graphs | with graphs | with / without | × bound (with) |", "|---|---|---|---|---|---|"]
-        for d in eager:
-            graphs = next((x for x in first["decode"] if x["batch"] == d["batch"] and x["context"] == d["context"]), None)
-            with_ms = graphs and graphs["ms_per_step"]
-            times_bound = f"{with_ms / bound:.2f}×" if with_ms and bound and d["batch"] == 1 else ""
-            lines.append(f"| {d['batch']} | {d['context']} | {cell(d['ms_per_step'], d)} | {cell(with_ms, graphs)} | "
-                         f"{ratio(with_ms, d['ms_per_step'])} | {times_bound} |")
+    for key, title, without_name, with_name in (
+            ("decode_without_graphs", "decode without and with CUDA graphs", "without graphs", "with graphs"),
+            ("decode_without_kernel", "decode attention as KV copies + SDPA and as the decode kernel", "copies + SDPA", "kernel")):
+        before = first.get(key)
+        if not before:
+            continue
+        lines += ["", f"### Before/after (same run): {title}, ms per step", "",
+                  f"| batch | context | {without_name} | {with_name} | {with_name} / {without_name} | × bound ({with_name}) |",
+                  "|---|---|---|---|---|---|"]
+        for d in before:
+            after = next((x for x in first["decode"] if x["batch"] == d["batch"] and x["context"] == d["context"]), None)
+            after_ms = after and after["ms_per_step"]
+            times_bound = f"{after_ms / bound:.2f}×" if after_ms and bound and d["batch"] == 1 else ""
+            lines.append(f"| {d['batch']} | {d['context']} | {cell(d['ms_per_step'], d)} | {cell(after_ms, after)} | "
+                         f"{ratio(after_ms, d['ms_per_step'])} | {times_bound} |")
     return "\n".join(lines) + "\n"
 
 

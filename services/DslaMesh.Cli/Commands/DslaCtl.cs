@@ -20,6 +20,7 @@ public static class DslaCtl
         root.Subcommands.Add(SensitivityCommand.Create());
         root.Subcommands.Add(DistillCommand.Create());
         root.Subcommands.Add(EvalCommand.Create());
+        root.Subcommands.Add(KernelCommands.Create());
         return root;
     }
 }

@@ -44,8 +44,18 @@ public sealed class TorchBackendOptions
     /// </summary>
     public bool CudaGraphs { get; set; } = true;
 
+    /// <summary>
+    /// Run decode attention (KV append + attention) as the engine's runtime-compiled CUDA kernel on CUDA
+    /// (<see cref="Kernels.DecodeAttention"/>); off uses KV copies and SDPA. Default: on.
+    /// </summary>
+    public bool DecodeAttentionKernel { get; set; } = true;
+
     /// <summary>The model kernels these options ask for.</summary>
-    public Models.LlamaKernelOptions Kernels => CudaGraphs ? Models.LlamaKernelOptions.Default : Models.LlamaKernelOptions.Default with { DecodeGraphs = Models.DecodeGraphMode.Off };
+    public Models.LlamaKernelOptions Kernels => Models.LlamaKernelOptions.Default with
+    {
+        DecodeGraphs = CudaGraphs ? Models.DecodeGraphMode.Auto : Models.DecodeGraphMode.Off,
+        DecodeAttentionKernel = DecodeAttentionKernel,
+    };
 
     /// <summary>Whether the device is a CUDA device.</summary>
     public bool IsCuda => Device.StartsWith("cuda", StringComparison.Ordinal);

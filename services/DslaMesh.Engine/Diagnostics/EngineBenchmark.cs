@@ -3,6 +3,7 @@ using System.Runtime.InteropServices;
 using System.Text.Json.Serialization;
 using DslaMesh.Engine.Backends;
 using DslaMesh.Engine.Inference;
+using DslaMesh.Engine.Kernels;
 using DslaMesh.Engine.Models;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -59,6 +60,9 @@ public sealed record EngineBenchmarkSettings
 
     /// <summary>Also time every decode cell with decode graphs off (<see cref="DecodeGraphMode.Off"/>): before/after, same run.</summary>
     public bool CompareWithoutGraphs { get; init; }
+
+    /// <summary>Also time every decode cell with KV copies + SDPA instead of the decode attention kernel: before/after, same run.</summary>
+    public bool CompareWithoutDecodeKernel { get; init; }
 }
 
 /// <summary>One prefill measurement. Status is <c>ok</c> or <c>oom</c>.</summary>
@@ -97,6 +101,8 @@ public sealed record BenchmarkReport
     public PlainKernelMeasurements? PlainKernels { get; init; }
     /// <summary>The decode cells again with decode graphs off (when asked for and the main run used them).</summary>
     public IReadOnlyList<DecodeMeasurement>? DecodeWithoutGraphs { get; init; }
+    /// <summary>The decode cells again with KV copies + SDPA instead of the decode attention kernel (when asked for and the main run used it).</summary>
+    public IReadOnlyList<DecodeMeasurement>? DecodeWithoutKernel { get; init; }
     public IReadOnlyDictionary<string, string> Notes { get; init; } = new Dictionary<string, string>();
     public required string Timestamp { get; init; }
 }
@@ -163,6 +169,8 @@ public static class EngineBenchmark
                 config.IntermediateSize, config.VocabSize, model.parameters().Sum(p => p.NumberOfElements), model.WeightBytes, model.DecodeWeightReadBytes);
             log($"model: {info.Parameters / 1e9:F2}B parameters, {info.WeightBytes / 1e9:F2} GB of weights, built on {device} in {stopwatch.Elapsed.TotalSeconds:F1} s");
             notes["decode_graphs"] = model.DecodeGraphStatus;
+            notes["decode_attention"] = DecodeAttentionStatus(settings, config, device);
+            log($"decode attention: {notes["decode_attention"]}");
             log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
             if (budget is { } b)
@@ -197,6 +205,16 @@ public static class EngineBenchmark
             withoutGraphs = MeasureDecodeGrid(eager, settings, device, cuda, budget, log);
         }
 
+        List<DecodeMeasurement>? withoutKernel = null;
+        if (settings.CompareWithoutDecodeKernel && notes["decode_attention"] == "kernel")
+        {
+            log("decode with KV copies + SDPA instead of the decode attention kernel (before/after)");
+            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false });
+            sdpa.InitializeRandom(settings.Seed);
+            var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
+            withoutKernel = MeasureDecodeGrid(sdpa, settings, device, cuda, budget, log);
+        }
+
         PlainKernelMeasurements? plain = null;
         if (settings.ComparePlain && settings.PrefillTokens.Count > 0 && settings.DecodeContexts.Count > 0)
         {
@@ -222,9 +240,27 @@ public static class EngineBenchmark
             Decode = decode,
             PlainKernels = plain,
             DecodeWithoutGraphs = withoutGraphs,
+            DecodeWithoutKernel = withoutKernel,
             Notes = notes,
             Timestamp = DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", System.Globalization.CultureInfo.InvariantCulture),
         };
+    }
+
+    /// <summary><c>kernel</c> when decode attention runs as <see cref="DecodeAttention"/>, else how it runs and why.</summary>
+    private static string DecodeAttentionStatus(EngineBenchmarkSettings settings, LlamaConfig config, Device device)
+    {
+        if (!settings.Kernels.DecodeAttentionKernel)
+        {
+            return "kv copies + sdpa (kernel off)";
+        }
+        if (device.type != DeviceType.CUDA)
+        {
+            return "kv copies + sdpa (not CUDA)";
+        }
+        using var scope = NewDisposeScope();
+        var q = empty([1, config.NumAttentionHeads, config.HeadDim], dtype: settings.DType, device: device);
+        var k = empty([1, config.NumKeyValueHeads, config.HeadDim], dtype: settings.DType, device: device);
+        return DecodeAttention.Unsupported(q, k) is { } reason ? $"kv copies + sdpa ({reason})" : "kernel";
     }
 
     private static List<DecodeMeasurement> MeasureDecodeGrid(LlamaForCausalLM model, EngineBenchmarkSettings settings, Device device, bool cuda, long? budget, Action<string> log) =>

@@ -89,6 +89,16 @@ public sealed class KvState : ILayerState
     /// <summary>Views of the valid cache [1, Hkv, Length, hd] (for folding into another layer kind).</summary>
     public (Tensor Keys, Tensor Values) View() => (_keys.narrow(2, 0, Length), _values.narrow(2, 0, Length));
 
+    /// <summary>
+    /// The whole storage [1, Hkv, Capacity, hd] after making room for <paramref name="needed"/> positions, for kernels
+    /// that write into it themselves (then <see cref="Advance"/>). A batch row that must grow leaves its batch first.
+    /// </summary>
+    internal (Tensor Keys, Tensor Values) Reserve(int needed)
+    {
+        EnsureCapacity(needed);
+        return (_keys, _values);
+    }
+
     private void EnsureCapacity(int needed)
     {
         if (needed <= Capacity)
@@ -170,10 +180,38 @@ public sealed class KvBatch
     public static bool TryAppend(IReadOnlyList<SequenceCache> caches, int layer, Models.ForwardContext context, Tensor k, Tensor v,
         [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? keys, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? values)
     {
-        ArgumentNullException.ThrowIfNull(caches);
-        ArgumentNullException.ThrowIfNull(context);
         ArgumentNullException.ThrowIfNull(k);
         ArgumentNullException.ThrowIfNull(v);
+        keys = null;
+        values = null;
+        if (!TryRows(caches, layer, context, k, out var rowsK, out var rowsV))
+        {
+            return false;
+        }
+        var (start, count) = (context.StartPositions[0], context.TokenCount);
+        using (no_grad())
+        {
+            rowsK.narrow(2, start, count).copy_(k);
+            rowsV.narrow(2, start, count).copy_(v);
+            keys = rowsK.narrow(2, 0, start + count);
+            values = rowsV.narrow(2, 0, start + count);
+        }
+        Advance(caches, layer, count);
+        return true;
+    }
+
+    /// <summary>
+    /// The qualifying test of <see cref="TryAppend"/> without the append: when the pass's rows are consecutive rows of one
+    /// batch at a uniform start with room for the pass's tokens (a fresh batch is allocated when no row has a state yet),
+    /// returns the rows' whole storage [B, Hkv, capacity, hd] for a kernel that writes into it; the caller then calls
+    /// <see cref="Advance"/>. <paramref name="like"/> [B, Hkv, T, hd] gives the heads, head size, dtype and device.
+    /// </summary>
+    public static bool TryRows(IReadOnlyList<SequenceCache> caches, int layer, Models.ForwardContext context, Tensor like,
+        [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? keys, [System.Diagnostics.CodeAnalysis.NotNullWhen(true)] out Tensor? values)
+    {
+        ArgumentNullException.ThrowIfNull(caches);
+        ArgumentNullException.ThrowIfNull(context);
+        ArgumentNullException.ThrowIfNull(like);
         keys = null;
         values = null;
         var rows = caches.Count;
@@ -186,7 +224,7 @@ public sealed class KvBatch
         if (caches.All(c => c[layer] is null))
         {
             var capacity = Math.Max(caches.Max(c => c.ExpectedLength), start + count);
-            var states = Allocate(rows, k.shape[1], k.shape[3], capacity, k.dtype, k.device);
+            var states = Allocate(rows, like.shape[1], like.shape[3], capacity, like.dtype, like.device);
             for (var i = 0; i < rows; i++)
             {
                 states[i].AssumeFilled(start);
@@ -204,20 +242,19 @@ public sealed class KvBatch
                 return false;
             }
         }
-        using (no_grad())
-        {
-            var rowsK = batch.Keys.narrow(0, first.Row, rows);
-            var rowsV = batch.Values.narrow(0, first.Row, rows);
-            rowsK.narrow(2, start, count).copy_(k);
-            rowsV.narrow(2, start, count).copy_(v);
-            keys = rowsK.narrow(2, 0, start + count);
-            values = rowsV.narrow(2, 0, start + count);
-        }
-        for (var i = 0; i < rows; i++)
+        keys = batch.Keys.narrow(0, first.Row, rows);
+        values = batch.Values.narrow(0, first.Row, rows);
+        return true;
+    }
+
+    /// <summary>Counts <paramref name="count"/> more valid positions in every row's state of <paramref name="layer"/>.</summary>
+    public static void Advance(IReadOnlyList<SequenceCache> caches, int layer, int count)
+    {
+        ArgumentNullException.ThrowIfNull(caches);
+        for (var i = 0; i < caches.Count; i++)
         {
             ((KvState)caches[i][layer]!).Advance(count);
         }
-        return true;
     }
 
     internal void Release()

@@ -144,7 +144,12 @@ internal sealed class DecodeGraphs : IDisposable
                 if (segment < layers.Count)
                 {
                     var (q, k, v) = set.Projections(segment);
-                    set.SetAttentionOutput(layers[segment].Attention.MixProjected(q, k, v, context, segment));
+                    // The decode kernel writes straight into the next segment's input; other paths return a tensor to copy.
+                    var merged = layers[segment].Attention.MixProjected(q, k, v, context, segment, set.Attention);
+                    if (!ReferenceEquals(merged, set.Attention))
+                    {
+                        set.SetAttentionOutput(merged);
+                    }
                 }
             }
             foreach (var cache in caches)
@@ -212,6 +217,9 @@ internal sealed class DecodeGraphs : IDisposable
             _cos.copy_(context.CosTokenMajor);
             _sinSigned.copy_(context.SinSignedTokenMajor!);
         }
+
+        /// <summary>Where the next segment reads a layer's attention output [B, 1, H·hd].</summary>
+        public Tensor Attention => _attention;
 
         /// <summary>Writes a layer's attention output [B, 1, H·hd] where the next segment reads it.</summary>
         public void SetAttentionOutput(Tensor merged) => _attention.copy_(merged);

@@ -1,4 +1,5 @@
 using DslaMesh.Engine.Inference;
+using DslaMesh.Engine.Kernels;
 using TorchSharp.Utils;
 using static TorchSharp.torch;
 
@@ -28,10 +29,12 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly int _headDim;
     private readonly FusedLinear? _qkv;
     private readonly long _hidden;
+    private readonly bool _decodeKernel;
 
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true, bool decodeKernel = true) : base("LlamaAttention")
     {
         ArgumentNullException.ThrowIfNull(config);
+        _decodeKernel = decodeKernel && device.type == TorchSharp.DeviceType.CUDA;
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
@@ -147,12 +150,19 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
 
     /// <summary>
     /// Attention of projected q [B, H, T, hd], k, v [B, Hkv, T, hd] over each row's cache (appending k and v to it):
-    /// [B, T, H·hd], before the output projection.
+    /// [B, T, H·hd], before the output projection. <paramref name="into"/> [B, T, H·hd], when given, may receive the
+    /// result (the decode kernel writes there directly); the caller compares the returned tensor with it.
     /// </summary>
-    internal Tensor MixProjected(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer)
+    internal Tensor MixProjected(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer, Tensor? into = null)
     {
         using var scope = NewDisposeScope();
         var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
+        if (t == 1 && context.Caches is not null && _decodeKernel && DecodeAttention.Unsupported(q, k) is null)
+        {
+            var target = into ?? empty([b, 1, _heads * _headDim], dtype: q.dtype, device: q.device);
+            DecodeStep(q, k, v, context, layer, target.view(b, _heads, _headDim));
+            return into is null ? target.MoveToOuterDisposeScope() : into;
+        }
         Tensor output;
         if (context.Caches is null)
         {
@@ -184,6 +194,38 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         }
         // [B, H, T, hd] → [B, T, H·hd]
         return output.transpose(1, 2).reshape(b, t, _heads * _headDim).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// One decode step's attention core through <see cref="DecodeAttention"/>: q [B, H, 1, hd], k, v [B, Hkv, 1, hd] →
+    /// output [B, H, hd], appending k and v to each row's cache. Rows that share a <see cref="KvBatch"/> run as one launch,
+    /// other rows one launch each.
+    /// </summary>
+    private void DecodeStep(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer, Tensor output)
+    {
+        var caches = context.Caches!;
+        var (q3, k3, v3) = (q.select(2, 0), k.select(2, 0), v.select(2, 0));
+        if (KvBatch.TryRows(caches, layer, context, k, out var batchKeys, out var batchValues))
+        {
+            DecodeAttention.Run(q3, k3, v3, batchKeys, batchValues, context.StartPositions[0], output);
+            KvBatch.Advance(caches, layer, 1);
+            return;
+        }
+        for (var row = 0; row < caches.Count; row++)
+        {
+            var cache = caches[row];
+            var state = cache[layer] switch
+            {
+                KvState existing => existing,
+                null => (KvState)(cache[layer] = new KvState(_kvHeads, _headDim, Math.Max(cache.ExpectedLength, context.StartPositions[row] + 1), k.dtype, k.device)),
+                _ => throw new InvalidOperationException($"Layer {layer} of this sequence holds DSLA state; softmax attention cannot resume from it."),
+            };
+            var (keys, values) = state.Reserve(state.Length + 1);
+            var single = caches.Count == 1;
+            DecodeAttention.Run(single ? q3 : q3.narrow(0, row, 1), single ? k3 : k3.narrow(0, row, 1), single ? v3 : v3.narrow(0, row, 1),
+                keys, values, state.Length, single ? output : output.narrow(0, row, 1));
+            state.Advance(1);
+        }
     }
 
     /// <summary>

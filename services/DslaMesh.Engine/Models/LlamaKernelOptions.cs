@@ -9,14 +9,21 @@ public sealed record LlamaKernelOptions
     /// <summary>The fast path.</summary>
     public static LlamaKernelOptions Default { get; } = new();
 
-    /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off };
+    /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm, KV copies and SDPA in decode.</summary>
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
 
     /// <summary>Use LibTorch's fused RMS norm kernel when gradients are off.</summary>
     public bool FusedRmsNorm { get; init; } = true;
+
+    /// <summary>
+    /// On CUDA, run each decode step's attention core (KV append and attention over the cache) as the engine's own
+    /// runtime-compiled kernel (<see cref="Kernels.DecodeAttention"/>) where it supports the shapes; elsewhere, or when
+    /// off, KV copies and SDPA.
+    /// </summary>
+    public bool DecodeAttentionKernel { get; init; } = true;
 
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;

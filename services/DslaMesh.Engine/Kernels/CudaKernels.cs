@@ -1,0 +1,369 @@
+using System.Collections.Concurrent;
+using System.Globalization;
+using System.Runtime.InteropServices;
+using System.Security.Cryptography;
+using System.Text;
+using DslaMesh.Engine.Backends;
+
+namespace DslaMesh.Engine.Kernels;
+
+/// <summary>
+/// The engine's own CUDA C kernels, compiled at run time with NVRTC (the <c>libnvrtc.so</c> every PyTorch CUDA install
+/// ships beside LibTorch), loaded with the CUDA driver API (<c>libcuda.so.1</c>) into the primary context LibTorch uses,
+/// and launched on LibTorch's current stream, so they are ordered with TorchSharp's own work. TorchSharp has no
+/// custom-op route; this needs none: kernels take raw device pointers.
+/// </summary>
+/// <remarks>
+/// Sources are embedded resources (<c>Kernels/*.cu</c>). A compiled module is cached on disk per source, options, NVRTC
+/// version and GPU architecture (<see cref="CacheDirectory"/>), so only the first start on a machine compiles (about a
+/// second per variant). Nothing here is touched on CPU: <see cref="IsAvailable"/> is false there and callers run their
+/// plain tensor code instead.
+/// </remarks>
+public static unsafe class CudaKernels
+{
+    private const int DeviceAttributeMultiprocessorCount = 16;
+    private const int DeviceAttributeComputeCapabilityMajor = 75;
+    private const int DeviceAttributeComputeCapabilityMinor = 76;
+    private static readonly Lazy<Api?> Native = new(Load);
+    private static readonly ConcurrentDictionary<string, nint> Functions = new(StringComparer.Ordinal);
+    private static readonly ConcurrentDictionary<int, (int Major, int Minor, int Multiprocessors)> Devices = new();
+    private static string? _unavailableReason;
+
+    /// <summary>Whether NVRTC and the CUDA driver could be loaded (false on machines without CUDA).</summary>
+    public static bool IsAvailable => Native.Value is not null;
+
+    /// <summary>Why the kernels are unavailable, or null when they are available.</summary>
+    public static string? UnavailableReason => Native.Value is null ? _unavailableReason : null;
+
+    /// <summary>
+    /// Where compiled modules are kept: <c>DSLAMESH_KERNEL_CACHE</c>, else <c>$XDG_CACHE_HOME/dslamesh/kernels</c>, else
+    /// <c>~/.cache/dslamesh/kernels</c>.
+    /// </summary>
+    public static string CacheDirectory =>
+        Environment.GetEnvironmentVariable("DSLAMESH_KERNEL_CACHE") is { Length: > 0 } explicitPath
+            ? explicitPath
+            : Path.Combine(
+                Environment.GetEnvironmentVariable("XDG_CACHE_HOME") is { Length: > 0 } xdg ? xdg : Path.Combine(Environment.GetFolderPath(Environment.SpecialFolder.UserProfile), ".cache"),
+                "dslamesh", "kernels");
+
+    /// <summary>The NVRTC library loaded, for reports.</summary>
+    public static string? NvrtcPath => Native.Value?.NvrtcPath;
+
+    /// <summary>Streaming multiprocessors of a device (to size grids).</summary>
+    public static int MultiprocessorCount(int device) => DeviceInfo(device).Multiprocessors;
+
+    /// <summary>
+    /// The kernel <paramref name="name"/> of embedded source <paramref name="source"/> compiled with
+    /// <paramref name="defines"/> for <paramref name="device"/>'s architecture (compiled, or read from the disk cache, on
+    /// first use). Returns a CUfunction handle.
+    /// </summary>
+    /// <exception cref="InvalidOperationException">CUDA is unavailable, or the source does not compile (NVRTC's log is in the message).</exception>
+    public static nint Function(string source, string name, IReadOnlyList<(string Name, string Value)> defines, int device)
+    {
+        var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
+        var info = DeviceInfo(device);
+        var options = new List<string> { $"--gpu-architecture=sm_{info.Major}{info.Minor}", "--std=c++17", "--use_fast_math" };
+        options.AddRange(defines.Select(d => $"-D{d.Name}={d.Value}"));
+        var key = $"{source}|{name}|{string.Join(' ', options)}";
+        return Functions.GetOrAdd(key, _ =>
+        {
+            api.MakeContextCurrent(device);
+            var image = Compile(api, source, options, $"sm{info.Major}{info.Minor}");
+            nint module;
+            fixed (byte* data = image)
+            {
+                api.Check(api.ModuleLoadData(&module, data), "cuModuleLoadData");
+            }
+            nint function;
+            var utf8 = Encoding.UTF8.GetBytes(name + "\0");
+            fixed (byte* symbol = utf8)
+            {
+                api.Check(api.ModuleGetFunction(&function, module, symbol), $"cuModuleGetFunction({name})");
+            }
+            return function;
+        });
+    }
+
+    /// <summary>
+    /// Launches <paramref name="function"/> on LibTorch's current stream of <paramref name="device"/>.
+    /// <paramref name="arguments"/> holds one pointer per kernel parameter, each to a value of the parameter's exact type.
+    /// </summary>
+    public static void Launch(nint function, (uint X, uint Y, uint Z) grid, uint threads, int device, void** arguments)
+    {
+        var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
+        api.MakeContextCurrent(device);
+        var stream = CudaStreams.Current(device);
+        api.Check(api.LaunchKernel(function, grid.X, grid.Y, grid.Z, threads, 1, 1, 0, stream, arguments, null), "cuLaunchKernel");
+    }
+
+    private static (int Major, int Minor, int Multiprocessors) DeviceInfo(int device) => Devices.GetOrAdd(device, ordinal =>
+    {
+        var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
+        int handle, major, minor, count;
+        api.Check(api.DeviceGet(&handle, ordinal), "cuDeviceGet");
+        api.Check(api.DeviceGetAttribute(&major, DeviceAttributeComputeCapabilityMajor, handle), "cuDeviceGetAttribute");
+        api.Check(api.DeviceGetAttribute(&minor, DeviceAttributeComputeCapabilityMinor, handle), "cuDeviceGetAttribute");
+        api.Check(api.DeviceGetAttribute(&count, DeviceAttributeMultiprocessorCount, handle), "cuDeviceGetAttribute");
+        return (major, minor, count);
+    });
+
+    private static byte[] Compile(Api api, string source, List<string> options, string architecture)
+    {
+        var text = EmbeddedSource(source);
+        int nvrtcMajor, nvrtcMinor;
+        api.Version(&nvrtcMajor, &nvrtcMinor);
+        var hash = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes($"{text}\n{string.Join('\n', options)}\nnvrtc {nvrtcMajor}.{nvrtcMinor}")));
+        var cached = Path.Combine(CacheDirectory, $"{Path.GetFileNameWithoutExtension(source)}-{hash[..24]}-{architecture}.cubin");
+        if (File.Exists(cached))
+        {
+            return File.ReadAllBytes(cached);
+        }
+        nint program;
+        var sourceBytes = Encoding.UTF8.GetBytes(text + "\0");
+        var nameBytes = Encoding.UTF8.GetBytes(source + "\0");
+        fixed (byte* src = sourceBytes, programName = nameBytes)
+        {
+            api.CheckNvrtc(api.CreateProgram(&program, src, programName, 0, null, null), "nvrtcCreateProgram", 0);
+        }
+        try
+        {
+            var encoded = options.Select(o => Marshal.StringToCoTaskMemUTF8(o)).ToArray();
+            try
+            {
+                fixed (nint* optionPointers = encoded)
+                {
+                    api.CheckNvrtc(api.CompileProgram(program, encoded.Length, (byte**)optionPointers), $"compiling {source} ({string.Join(' ', options)})", program);
+                }
+            }
+            finally
+            {
+                foreach (var pointer in encoded)
+                {
+                    Marshal.FreeCoTaskMem(pointer);
+                }
+            }
+            nuint size;
+            api.CheckNvrtc(api.GetCubinSize(program, &size), "nvrtcGetCUBINSize", program);
+            var image = new byte[size];
+            fixed (byte* data = image)
+            {
+                api.CheckNvrtc(api.GetCubin(program, data), "nvrtcGetCUBIN", program);
+            }
+            TryWriteCache(cached, image);
+            return image;
+        }
+        finally
+        {
+            api.DestroyProgram(&program);
+        }
+    }
+
+    private static void TryWriteCache(string path, byte[] image)
+    {
+        try
+        {
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
+            var temporary = $"{path}.{Environment.ProcessId}.tmp";
+            File.WriteAllBytes(temporary, image);
+            File.Move(temporary, path, overwrite: true);
+        }
+        catch (IOException)
+        {
+            // A read-only or full cache only costs the next start a compile.
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+    }
+
+    /// <summary>The text of an embedded kernel source (<c>Kernels/NAME.cu</c>).</summary>
+    internal static string EmbeddedSource(string source)
+    {
+        var assembly = typeof(CudaKernels).Assembly;
+        var resource = assembly.GetManifestResourceNames().FirstOrDefault(n => n.EndsWith("." + source, StringComparison.Ordinal))
+            ?? throw new InvalidOperationException($"No embedded kernel source '{source}' in {assembly.GetName().Name}.");
+        using var stream = assembly.GetManifestResourceStream(resource)!;
+        using var reader = new StreamReader(stream);
+        return reader.ReadToEnd();
+    }
+
+    private static Api? Load()
+    {
+        if (!NativeLibrary.TryLoad("libcuda.so.1", out var driver))
+        {
+            _unavailableReason = "the CUDA driver (libcuda.so.1) is not installed";
+            return null;
+        }
+        var nvrtcPath = FindNvrtc();
+        if (nvrtcPath is null || !NativeLibrary.TryLoad(nvrtcPath, out var nvrtc))
+        {
+            _unavailableReason = "NVRTC (libnvrtc.so) was not found beside LibTorch; set DSLAMESH_NVRTC to its path";
+            return null;
+        }
+        try
+        {
+            var api = new Api(driver, nvrtc, nvrtcPath);
+            api.Check(api.Init(0), "cuInit");
+            return api;
+        }
+        catch (Exception error) when (error is EntryPointNotFoundException or InvalidOperationException)
+        {
+            _unavailableReason = error.Message;
+            return null;
+        }
+    }
+
+    /// <summary>
+    /// <c>DSLAMESH_NVRTC</c>, else the newest <c>libnvrtc.so.N</c> in the Python site-packages of the loaded LibTorch
+    /// (<c>site-packages/torch/lib</c> → <c>site-packages/nvidia/**</c>) or in LibTorch's own folder.
+    /// </summary>
+    private static string? FindNvrtc()
+    {
+        if (Environment.GetEnvironmentVariable("DSLAMESH_NVRTC") is { Length: > 0 } explicitPath)
+        {
+            return explicitPath;
+        }
+        var torchLib = LoadedLibraryFolder("libtorch_cuda.so");
+        if (torchLib is null)
+        {
+            return null;
+        }
+        var roots = new[] { torchLib, Path.GetFullPath(Path.Combine(torchLib, "..", "..", "nvidia")) }.Where(Directory.Exists);
+        return roots
+            .SelectMany(root => Directory.EnumerateFiles(root, "libnvrtc.so*", SearchOption.AllDirectories))
+            .Where(path => !Path.GetFileName(path).Contains("builtins", StringComparison.Ordinal))
+            .OrderByDescending(path => path, StringComparer.Ordinal)
+            .FirstOrDefault();
+    }
+
+    private static string? LoadedLibraryFolder(string soname)
+    {
+        try
+        {
+            return File.ReadLines("/proc/self/maps")
+                .Select(l => l.IndexOf('/', StringComparison.Ordinal) is var i and >= 0 ? l[i..] : null)
+                .Where(p => p is not null && Path.GetFileName(p) == soname)
+                .Select(Path.GetDirectoryName)
+                .FirstOrDefault();
+        }
+        catch (IOException)
+        {
+            return null;
+        }
+    }
+
+    /// <summary>The driver and NVRTC entry points this class uses, resolved once.</summary>
+    private sealed class Api
+    {
+        [ThreadStatic]
+        private static int _currentDevice;
+        private readonly nint _driver;
+        private readonly nint _nvrtc;
+
+        public Api(nint driver, nint nvrtc, string nvrtcPath)
+        {
+            _driver = driver;
+            _nvrtc = nvrtc;
+            NvrtcPath = nvrtcPath;
+            Init = (delegate* unmanaged<uint, int>)Driver("cuInit");
+            DeviceGet = (delegate* unmanaged<int*, int, int>)Driver("cuDeviceGet");
+            DeviceGetAttribute = (delegate* unmanaged<int*, int, int, int>)Driver("cuDeviceGetAttribute");
+            PrimaryContextRetain = (delegate* unmanaged<nint*, int, int>)Driver("cuDevicePrimaryCtxRetain");
+            ContextGetCurrent = (delegate* unmanaged<nint*, int>)Driver("cuCtxGetCurrent");
+            ContextSetCurrent = (delegate* unmanaged<nint, int>)Driver("cuCtxSetCurrent");
+            ModuleLoadData = (delegate* unmanaged<nint*, void*, int>)Driver("cuModuleLoadData");
+            ModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)Driver("cuModuleGetFunction");
+            LaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)Driver("cuLaunchKernel");
+            GetErrorString = (delegate* unmanaged<int, byte**, int>)Driver("cuGetErrorString");
+            Version = (delegate* unmanaged<int*, int*, int>)Nvrtc("nvrtcVersion");
+            CreateProgram = (delegate* unmanaged<nint*, byte*, byte*, int, byte**, byte**, int>)Nvrtc("nvrtcCreateProgram");
+            CompileProgram = (delegate* unmanaged<nint, int, byte**, int>)Nvrtc("nvrtcCompileProgram");
+            GetCubinSize = (delegate* unmanaged<nint, nuint*, int>)Nvrtc("nvrtcGetCUBINSize");
+            GetCubin = (delegate* unmanaged<nint, byte*, int>)Nvrtc("nvrtcGetCUBIN");
+            GetProgramLogSize = (delegate* unmanaged<nint, nuint*, int>)Nvrtc("nvrtcGetProgramLogSize");
+            GetProgramLog = (delegate* unmanaged<nint, byte*, int>)Nvrtc("nvrtcGetProgramLog");
+            DestroyProgram = (delegate* unmanaged<nint*, int>)Nvrtc("nvrtcDestroyProgram");
+        }
+
+        public string NvrtcPath { get; }
+        public delegate* unmanaged<uint, int> Init { get; }
+        public delegate* unmanaged<int*, int, int> DeviceGet { get; }
+        public delegate* unmanaged<int*, int, int, int> DeviceGetAttribute { get; }
+        public delegate* unmanaged<nint*, int, int> PrimaryContextRetain { get; }
+        public delegate* unmanaged<nint*, int> ContextGetCurrent { get; }
+        public delegate* unmanaged<nint, int> ContextSetCurrent { get; }
+        public delegate* unmanaged<nint*, void*, int> ModuleLoadData { get; }
+        public delegate* unmanaged<nint*, nint, byte*, int> ModuleGetFunction { get; }
+        public delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> LaunchKernel { get; }
+        public delegate* unmanaged<int, byte**, int> GetErrorString { get; }
+        public delegate* unmanaged<int*, int*, int> Version { get; }
+        public delegate* unmanaged<nint*, byte*, byte*, int, byte**, byte**, int> CreateProgram { get; }
+        public delegate* unmanaged<nint, int, byte**, int> CompileProgram { get; }
+        public delegate* unmanaged<nint, nuint*, int> GetCubinSize { get; }
+        public delegate* unmanaged<nint, byte*, int> GetCubin { get; }
+        public delegate* unmanaged<nint, nuint*, int> GetProgramLogSize { get; }
+        public delegate* unmanaged<nint, byte*, int> GetProgramLog { get; }
+        public delegate* unmanaged<nint*, int> DestroyProgram { get; }
+
+        /// <summary>
+        /// Makes the device's primary context (the one LibTorch's runtime uses) current on this thread, once per thread
+        /// and device: a thread that has only run TorchSharp ops may have none current for the driver API yet.
+        /// </summary>
+        public void MakeContextCurrent(int device)
+        {
+            if (_currentDevice == device + 1)
+            {
+                return;
+            }
+            int handle;
+            Check(DeviceGet(&handle, device), "cuDeviceGet");
+            nint context;
+            Check(PrimaryContextRetain(&context, handle), "cuDevicePrimaryCtxRetain");
+            Check(ContextSetCurrent(context), "cuCtxSetCurrent");
+            _currentDevice = device + 1;
+        }
+
+        public void Check(int result, string what)
+        {
+            if (result == 0)
+            {
+                return;
+            }
+            byte* text = null;
+            _ = GetErrorString(result, &text);
+            var message = text is null ? "unknown error" : Marshal.PtrToStringUTF8((nint)text);
+            throw new InvalidOperationException($"{what} failed: CUDA error {result.ToString(CultureInfo.InvariantCulture)} ({message}).");
+        }
+
+        public void CheckNvrtc(int result, string what, nint program)
+        {
+            if (result == 0)
+            {
+                return;
+            }
+            var log = "";
+            if (program != 0)
+            {
+                nuint size;
+                if (GetProgramLogSize(program, &size) == 0 && size > 1)
+                {
+                    var buffer = new byte[size];
+                    fixed (byte* data = buffer)
+                    {
+                        _ = GetProgramLog(program, data);
+                    }
+                    log = ":\n" + Encoding.UTF8.GetString(buffer, 0, (int)size - 1);
+                }
+            }
+            throw new InvalidOperationException($"{what} failed: NVRTC error {result.ToString(CultureInfo.InvariantCulture)}{log}");
+        }
+
+        private nint Driver(string name) => NativeLibrary.TryGetExport(_driver, name, out var address)
+            ? address
+            : throw new EntryPointNotFoundException($"libcuda.so.1 lacks {name}");
+
+        private nint Nvrtc(string name) => NativeLibrary.TryGetExport(_nvrtc, name, out var address)
+            ? address
+            : throw new EntryPointNotFoundException($"{NvrtcPath} lacks {name}");
+    }
+}

@@ -1,0 +1,233 @@
+using System.Globalization;
+using DslaMesh.Engine.Backends;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Kernels;
+
+/// <summary>
+/// Softmax attention of one new token per sequence over its KV cache, with the new key and value appended, as one or
+/// two kernel launches (<c>decode_attention.cu</c>): the decode step's attention core, which would otherwise take two
+/// cache copies, an SDPA call (FlashAttention's split and combine kernels) and a layout copy.
+/// </summary>
+/// <remarks>
+/// <para>
+/// Shapes: q [B, Hq, d], kNew and vNew [B, Hkv, d], key and value caches [B, Hkv, capacity, d] with the
+/// last two dimensions contiguous (rows may be any stride apart: a <see cref="Inference.KvBatch"/>'s rows, or one
+/// sequence's own storage), output [B, Hq, d]; the innermost dimension contiguous everywhere. Query head h reads KV
+/// head h / (Hq / Hkv), as Hugging Face's <c>repeat_kv</c> does. Positions [0, length) of every row's cache are valid;
+/// the call writes the new key and value at position <c>length</c> and attends over [0, length].
+/// </para>
+/// <para>
+/// The keys are split across thread blocks (flash-decoding): enough splits to give every multiprocessor two blocks,
+/// 32–512 keys each; with more than one split a second kernel merges the partial softmax results. Arithmetic is fp32.
+/// </para>
+/// </remarks>
+public static unsafe class DecodeAttention
+{
+    private const string Source = "decode_attention.cu";
+    private const int MaxGroup = 8;
+    private const int MinKeysPerSplit = 32;
+    private const int MaxKeysPerSplit = 512;
+
+    [ThreadStatic]
+    private static Tensor? _workspace;
+
+    /// <summary>
+    /// Why the kernel cannot serve these operands (null when it can): CUDA and NVRTC present, a 16-bit or fp32 dtype
+    /// shared by all, a head dimension whose rows are whole 16-byte vectors (d·size ∈ 16…512 bytes, a power of two), at
+    /// most 8 query heads per KV head.
+    /// </summary>
+    public static string? Unsupported(Tensor q, Tensor kNew)
+    {
+        ArgumentNullException.ThrowIfNull(q);
+        ArgumentNullException.ThrowIfNull(kNew);
+        if (q.device_type != DeviceType.CUDA)
+        {
+            return "not a CUDA tensor";
+        }
+        if (!CudaKernels.IsAvailable)
+        {
+            return CudaKernels.UnavailableReason;
+        }
+        if (q.dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
+        {
+            return $"dtype {q.dtype}";
+        }
+        var d = q.shape[^1];
+        var rowBytes = d * q.ElementSize;
+        var lanes = rowBytes / 16;
+        if (rowBytes % 16 != 0 || lanes < 1 || lanes > 32 || (lanes & (lanes - 1)) != 0)
+        {
+            return $"head dimension {d} ({rowBytes} bytes per row)";
+        }
+        var group = q.shape[1] / kNew.shape[1];
+        return group is < 1 or > MaxGroup ? $"{group} query heads per KV head" : null;
+    }
+
+    /// <summary>Appends kNew/vNew at <paramref name="length"/> and writes the attention of q over [0, length] into <paramref name="output"/>.</summary>
+    /// <exception cref="ArgumentException">Shapes, dtypes, devices, strides or alignment do not fit (the message says which).</exception>
+    public static void Run(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
+    {
+        var shape = Validate(q, kNew, vNew, keyCache, valueCache, length, output);
+        var (b, hq, hkv, d) = shape;
+        var device = (int)Math.Max(q.device_index, 0);
+        var (keysPerSplit, splits) = Splits(length + 1, b, hkv, CudaKernels.MultiprocessorCount(device));
+        var defines = new[]
+        {
+            ("HEAD_DIM", d.ToString(CultureInfo.InvariantCulture)),
+            ("GROUP", (hq / hkv).ToString(CultureInfo.InvariantCulture)),
+            ("SCALAR_KIND", q.dtype switch { ScalarType.Float32 => "0", ScalarType.BFloat16 => "1", _ => "2" }),
+        };
+        var attention = CudaKernels.Function(Source, "decode_attention", defines, device);
+        var partialOut = 0L;
+        var partialStats = 0L;
+        if (splits > 1)
+        {
+            var slots = b * hq * splits;
+            var workspace = Workspace(slots * (d + 2), q.device);
+            partialOut = Pointer(workspace);
+            partialStats = partialOut + (slots * d * sizeof(float));
+        }
+
+        long qPointer = Pointer(q), kPointer = Pointer(kNew), vPointer = Pointer(vNew);
+        long keysPointer = Pointer(keyCache), valuesPointer = Pointer(valueCache), outPointer = Pointer(output);
+        long qBatch = q.stride(0), qHead = q.stride(1), kBatch = kNew.stride(0), kHead = kNew.stride(1), vBatch = vNew.stride(0), vHead = vNew.stride(1);
+        long cacheBatch = keyCache.stride(0), cacheHead = keyCache.stride(1), outBatch = output.stride(0), outHead = output.stride(1);
+        var scaleLog2 = (float)(1.0 / Math.Sqrt(d) * 1.4426950408889634);
+        var kv = keysPerSplit;
+        var arguments = stackalloc void*[]
+        {
+            &qPointer, &qBatch, &qHead,
+            &kPointer, &kBatch, &kHead,
+            &vPointer, &vBatch, &vHead,
+            &keysPointer, &valuesPointer, &cacheBatch, &cacheHead,
+            &length, &kv, &scaleLog2,
+            &partialOut, &partialStats,
+            &outPointer, &outBatch, &outHead,
+        };
+        CudaKernels.Launch(attention, ((uint)splits, (uint)hkv, (uint)b), 128, device, arguments);
+        if (splits > 1)
+        {
+            var combine = CudaKernels.Function(Source, "combine_splits", defines, device);
+            var splitCount = splits;
+            var combineArguments = stackalloc void*[] { &partialOut, &partialStats, &splitCount, &outPointer, &outBatch, &outHead };
+            CudaKernels.Launch(combine, ((uint)hq, (uint)b, 1), (uint)d, device, combineArguments);
+        }
+        GC.KeepAlive(q);
+        GC.KeepAlive(kNew);
+        GC.KeepAlive(vNew);
+        GC.KeepAlive(keyCache);
+        GC.KeepAlive(valueCache);
+        GC.KeepAlive(output);
+    }
+
+    /// <summary>
+    /// Keys per block and blocks per (row, KV head) for <paramref name="keys"/> keys: two blocks per multiprocessor where
+    /// the keys allow, each reading a multiple of 32 keys between 32 and 512.
+    /// </summary>
+    public static (int KeysPerSplit, int Splits) Splits(long keys, long rows, long kvHeads, int multiprocessors)
+    {
+        ArgumentOutOfRangeException.ThrowIfLessThan(keys, 1);
+        var target = 2L * Math.Max(multiprocessors, 1);
+        var perSplit = (keys * rows * kvHeads + target - 1) / target;
+        perSplit = Math.Clamp((perSplit + 31) / 32 * 32, MinKeysPerSplit, MaxKeysPerSplit);
+        return ((int)perSplit, (int)((keys + perSplit - 1) / perSplit));
+    }
+
+    /// <summary>
+    /// The same result with plain tensor ops (any device): writes kNew/vNew into the caches at <paramref name="length"/>
+    /// and returns attention [B, Hq, d] over [0, length], computed and returned in fp32. What the kernel is checked against.
+    /// </summary>
+    public static Tensor Reference(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length)
+    {
+        ArgumentNullException.ThrowIfNull(q);
+        ArgumentNullException.ThrowIfNull(kNew);
+        ArgumentNullException.ThrowIfNull(vNew);
+        ArgumentNullException.ThrowIfNull(keyCache);
+        ArgumentNullException.ThrowIfNull(valueCache);
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var (b, hq, hkv, d) = (q.shape[0], q.shape[1], kNew.shape[1], q.shape[2]);
+        keyCache.narrow(2, length, 1).copy_(kNew.unsqueeze(2));
+        valueCache.narrow(2, length, 1).copy_(vNew.unsqueeze(2));
+        var keys = keyCache.narrow(2, 0, length + 1).to(ScalarType.Float32);
+        var values = valueCache.narrow(2, 0, length + 1).to(ScalarType.Float32);
+        // [B, Hkv, group, d]: the group's query heads as the query axis.
+        var grouped = q.to(ScalarType.Float32).reshape(b, hkv, hq / hkv, d);
+        var result = nn.functional.scaled_dot_product_attention(grouped, keys, values);
+        return result.reshape(b, hq, d).MoveToOuterDisposeScope();
+    }
+
+    private static (long B, long Hq, long Hkv, long D) Validate(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
+    {
+        ArgumentNullException.ThrowIfNull(q);
+        ArgumentNullException.ThrowIfNull(kNew);
+        ArgumentNullException.ThrowIfNull(vNew);
+        ArgumentNullException.ThrowIfNull(keyCache);
+        ArgumentNullException.ThrowIfNull(valueCache);
+        ArgumentNullException.ThrowIfNull(output);
+        if (q.dim() != 3 || kNew.dim() != 3 || vNew.dim() != 3 || output.dim() != 3 || keyCache.dim() != 4 || valueCache.dim() != 4)
+        {
+            throw new ArgumentException($"Decode attention takes q, kNew, vNew, output [B, H, d] and caches [B, Hkv, capacity, d]; got q {Shape(q)}, kNew {Shape(kNew)}, vNew {Shape(vNew)}, caches {Shape(keyCache)} {Shape(valueCache)}, output {Shape(output)}.");
+        }
+        var (b, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
+        var hkv = kNew.shape[1];
+        if (!kNew.shape.SequenceEqual(new[] { b, hkv, d }) || !vNew.shape.SequenceEqual(kNew.shape) || !output.shape.SequenceEqual(q.shape)
+            || !keyCache.shape.SequenceEqual(valueCache.shape) || keyCache.shape[0] != b || keyCache.shape[1] != hkv || keyCache.shape[3] != d)
+        {
+            throw new ArgumentException($"Inconsistent decode attention shapes: q {Shape(q)}, kNew {Shape(kNew)}, vNew {Shape(vNew)}, caches {Shape(keyCache)} {Shape(valueCache)}, output {Shape(output)}.");
+        }
+        if (hkv < 1 || hq % hkv != 0)
+        {
+            throw new ArgumentException($"Query heads ({hq}) must be a multiple of KV heads ({hkv}).", nameof(q));
+        }
+        ArgumentOutOfRangeException.ThrowIfNegative(length);
+        if (length >= keyCache.shape[2])
+        {
+            throw new ArgumentException($"The caches hold {keyCache.shape[2]} positions; appending at position {length} needs one more.", nameof(keyCache));
+        }
+        foreach (var (name, tensor) in new[] { ("kNew", kNew), ("vNew", vNew), ("keyCache", keyCache), ("valueCache", valueCache), ("output", output) })
+        {
+            if (tensor.dtype != q.dtype || tensor.device_type != q.device_type || tensor.device_index != q.device_index)
+            {
+                throw new ArgumentException($"{name} is {tensor.dtype} on {tensor.device}; q is {q.dtype} on {q.device}.", name);
+            }
+        }
+        if (Unsupported(q, kNew) is { } reason)
+        {
+            throw new ArgumentException($"The decode attention kernel does not support these operands: {reason}.", nameof(q));
+        }
+        if (keyCache.stride(0) != valueCache.stride(0) || keyCache.stride(1) != valueCache.stride(1) || keyCache.stride(2) != d || keyCache.stride(3) != 1 || valueCache.stride(2) != d || valueCache.stride(3) != 1)
+        {
+            throw new ArgumentException($"The caches must be contiguous in their last two dimensions and share strides; got [{string.Join(", ", keyCache.stride())}] and [{string.Join(", ", valueCache.stride())}].", nameof(keyCache));
+        }
+        foreach (var (name, tensor) in new[] { ("q", q), ("kNew", kNew), ("vNew", vNew), ("keyCache", keyCache), ("valueCache", valueCache), ("output", output) })
+        {
+            var strides = tensor.stride();
+            var element = tensor.ElementSize;
+            if (strides[^1] != 1 || strides.Take(strides.Length - 1).Any(s => s * element % 16 != 0) || Pointer(tensor) % 16 != 0)
+            {
+                throw new ArgumentException($"{name} must have a contiguous last dimension, 16-byte aligned rows and a 16-byte aligned start; strides [{string.Join(", ", strides)}].", name);
+            }
+        }
+        return (b, hq, hkv, d);
+    }
+
+    private static long Pointer(Tensor tensor) =>
+        AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");
+
+    private static Tensor Workspace(long floats, Device device)
+    {
+        var workspace = _workspace;
+        if (workspace is null || workspace.IsInvalid || workspace.NumberOfElements < floats || workspace.device_index != device.index)
+        {
+            workspace?.Dispose();
+            workspace = empty(Math.Max(floats, 1L << 20), dtype: ScalarType.Float32, device: device).DetachFromDisposeScope();
+            _workspace = workspace;
+        }
+        return workspace;
+    }
+
+    private static string Shape(Tensor x) => "[" + string.Join(", ", x.shape) + "]";
+}

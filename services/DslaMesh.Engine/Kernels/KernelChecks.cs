@@ -1,0 +1,107 @@
+using System.Text.Json.Serialization;
+using static TorchSharp.torch;
+
+namespace DslaMesh.Engine.Kernels;
+
+/// <summary>One kernel-versus-reference comparison.</summary>
+public sealed record KernelCheck(
+    string Kernel,
+    string Case,
+    [property: JsonPropertyName("dtype")] string DType,
+    double MaxAbsError,
+    double Tolerance,
+    bool CacheWritten,
+    bool Passed);
+
+/// <summary>
+/// Checks the engine's CUDA kernels against their plain-tensor references across shapes, batch sizes, odd lengths,
+/// GQA groups, strided inputs and dtypes (the GPU test category: <c>dslactl kernels check</c> on a CUDA host).
+/// </summary>
+public static class KernelChecks
+{
+    /// <summary>Largest |kernel − reference| allowed, per dtype (the reference is computed in fp32).</summary>
+    public static double Tolerance(ScalarType dtype) => dtype switch
+    {
+        ScalarType.Float32 => 1e-4,
+        ScalarType.Float16 => 4e-3,
+        _ => 2e-2,
+    };
+
+    /// <summary>Runs every case on <paramref name="device"/> (CUDA). <paramref name="progress"/> receives each result.</summary>
+    /// <exception cref="InvalidOperationException">The device is not CUDA or the kernels are unavailable.</exception>
+    public static IReadOnlyList<KernelCheck> DecodeAttentionCases(Device device, Action<KernelCheck>? progress = null)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        if (device.type != TorchSharp.DeviceType.CUDA)
+        {
+            throw new InvalidOperationException($"The kernel checks need a CUDA device (got {device}); run them on a GPU host: dslactl kernels check --device cuda.");
+        }
+        if (!CudaKernels.IsAvailable)
+        {
+            throw new InvalidOperationException($"CUDA kernels are unavailable: {CudaKernels.UnavailableReason}.");
+        }
+        var results = new List<KernelCheck>();
+        var shapes = new (int Rows, int KvHeads, int Group, int HeadDim)[]
+        {
+            (1, 32, 1, 128), (3, 2, 4, 64), (2, 4, 8, 128), (5, 1, 2, 16), (1, 2, 1, 256), (4, 8, 3, 32), (2, 1, 1, 8),
+        };
+        var seed = 0L;
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
+        {
+            foreach (var (rows, kvHeads, group, headDim) in shapes)
+            {
+                foreach (var length in new[] { 0, 1, 31, 200, 1000, 4097 })
+                {
+                    foreach (var layout in new[] { "fused", "batch-rows" })
+                    {
+                        using var scope = NewDisposeScope();
+                        var q = empty([1, kvHeads * group, headDim], dtype: dtype, device: device);
+                        var k = empty([1, kvHeads, headDim], dtype: dtype, device: device);
+                        if (DecodeAttention.Unsupported(q, k) is not null)
+                        {
+                            continue;   // e.g. fp32 rows of 256 × 4 bytes: more than one warp per key row
+                        }
+                        var check = DecodeAttentionCase(dtype, rows, kvHeads, group, headDim, length, layout, device, seed++);
+                        results.Add(check);
+                        progress?.Invoke(check);
+                    }
+                }
+            }
+        }
+        return results;
+    }
+
+    /// <summary>
+    /// One case: q, k, v as views of one fused projection [B, H + 2·Hkv, d] (the engine's layout), caches either each
+    /// case's own [B, Hkv, capacity, d] ("fused") or B rows in the middle of a larger batch ("batch-rows").
+    /// </summary>
+    private static KernelCheck DecodeAttentionCase(ScalarType dtype, int rows, int kvHeads, int group, int headDim, int length, string layout, Device device, long seed)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var generator = new TorchSharp.torch.Generator((ulong)seed, device);
+        var heads = kvHeads * group;
+        var capacity = length + 5;
+        var projection = randn([rows, heads + (2 * kvHeads), headDim], generator: generator, device: device).to(dtype);
+        var q = projection.narrow(1, 0, heads);
+        var kNew = projection.narrow(1, heads, kvHeads);
+        var vNew = projection.narrow(1, heads + kvHeads, kvHeads);
+        var (batchRows, first) = layout == "batch-rows" ? (rows + 3, 2) : (rows, 0);
+        var keyStorage = randn([batchRows, kvHeads, capacity, headDim], generator: generator, device: device).to(dtype);
+        var valueStorage = randn([batchRows, kvHeads, capacity, headDim], generator: generator, device: device).to(dtype);
+        var keys = keyStorage.narrow(0, first, rows);
+        var values = valueStorage.narrow(0, first, rows);
+        var referenceKeys = keys.clone();
+        var referenceValues = values.clone();
+
+        var expected = DecodeAttention.Reference(q, kNew, vNew, referenceKeys, referenceValues, length);
+        var output = empty([rows, 1, heads * headDim], dtype: dtype, device: device).view(rows, heads, headDim);
+        DecodeAttention.Run(q, kNew, vNew, keys, values, length, output);
+
+        var error = (output.to(ScalarType.Float32) - expected).abs().max().item<float>();
+        var written = keys.eq(referenceKeys).all().item<bool>() && values.eq(referenceValues).all().item<bool>();
+        var tolerance = Tolerance(dtype);
+        var name = $"B={rows} Hkv={kvHeads} group={group} d={headDim} length={length} {layout}";
+        return new KernelCheck("decode_attention", name, dtype.ToString().ToLowerInvariant(), error, tolerance, written, written && error <= tolerance);
+    }
+}
