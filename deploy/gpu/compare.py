@@ -89,7 +89,7 @@ def render(reports: list[dict]) -> str:
                          f"{cell(fused and fused['ms_per_step'], fused)} | {ratio(fused and fused['ms_per_step'], d['ms_per_step'])} |")
     for key, title, without_name, with_name in (
             ("decode_without_graphs", "decode without and with CUDA graphs", "without graphs", "with graphs"),
-            ("decode_without_kernel", "decode attention as KV copies + SDPA and as the decode kernel", "copies + SDPA", "kernel")):
+            ("decode_without_kernel", "decode with LibTorch (KV copies, SDPA, GEMMs) and with the engine's decode kernels", "LibTorch", "kernels")):
         before = first.get(key)
         if not before:
             continue

@@ -43,8 +43,8 @@ public static class BenchCommands
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
         var compareWithoutGraphs = new Option<bool>("--compare-without-graphs") { Description = "Also time every decode cell with CUDA graphs off (before/after)." };
         var decodeGraphs = new Option<DecodeGraphMode>("--decode-graphs") { Description = "How decode steps run: Auto (CUDA graphs on CUDA), Off, or Segmented (the graph segments, uncaptured).", DefaultValueFactory = _ => DecodeGraphMode.Auto };
-        var noDecodeKernel = new Option<bool>("--no-decode-kernel") { Description = "Run decode attention as KV copies + SDPA instead of the engine's CUDA kernel." };
-        var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernel") { Description = "Also time every decode cell with KV copies + SDPA instead of the decode attention kernel (before/after)." };
+        var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA and LibTorch GEMMs instead of the engine's CUDA kernels." };
+        var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA and LibTorch GEMMs instead of the engine's decode kernels (before/after)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
         var decodeFirst = new Option<bool>("--decode-first") { Description = "Measure decode before prefill." };
@@ -104,7 +104,7 @@ public static class BenchCommands
                 Seed = result.GetValue(seed),
                 Kernels = result.GetValue(plainKernels)
                     ? LlamaKernelOptions.Plain
-                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel) },
+                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) },
                 ComparePlain = result.GetValue(comparePlain),
                 CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 CompareWithoutDecodeKernel = result.GetValue(compareWithoutDecodeKernel),
@@ -188,8 +188,8 @@ public static class BenchCommands
         foreach (var d in report.DecodeWithoutKernel ?? [])
         {
             var kernel = report.Decode.FirstOrDefault(x => x.Batch == d.Batch && x.Context == d.Context);
-            var ratio = kernel?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" (kernel {with / without:F2}×)") : "";
-            text.AppendLine(c, $"kv copies + sdpa: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
+            var ratio = kernel?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" (kernels {with / without:F2}×)") : "";
+            text.AppendLine(c, $"without decode kernels: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
         }
         return text.ToString();
     }

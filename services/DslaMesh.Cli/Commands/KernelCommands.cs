@@ -33,9 +33,9 @@ public static class KernelCommands
             IReadOnlyList<KernelCheck> checks;
             try
             {
-                checks = KernelChecks.DecodeAttentionCases(torchDevice, check =>
-                    Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                        $"{(check.Passed ? "ok  " : "FAIL")} {check.Kernel} {check.DType,-9} {check.Case,-52} max|Δ| {check.MaxAbsError:E2} (≤ {check.Tolerance:E0}){(check.CacheWritten ? "" : ", cache not written as expected")}")));
+                void Print(KernelCheck check) => Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                    $"{(check.Passed ? "ok  " : "FAIL")} {check.Kernel,-16} {check.DType,-9} {check.Case,-52} max|Δ| {check.MaxAbsError:E2} (≤ {check.Tolerance:E1}){(check.CacheWritten ? "" : ", cache not written as expected")}"));
+                checks = [.. KernelChecks.DecodeAttentionCases(torchDevice, Print), .. KernelChecks.DecodeGemvCases(torchDevice, Print)];
             }
             catch (InvalidOperationException error)
             {

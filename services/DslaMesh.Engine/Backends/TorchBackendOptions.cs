@@ -45,16 +45,18 @@ public sealed class TorchBackendOptions
     public bool CudaGraphs { get; set; } = true;
 
     /// <summary>
-    /// Run decode attention (KV append + attention) as the engine's runtime-compiled CUDA kernel on CUDA
-    /// (<see cref="Kernels.DecodeAttention"/>); off uses KV copies and SDPA. Default: on.
+    /// Run decode steps' attention core and projections as the engine's runtime-compiled CUDA kernels on CUDA
+    /// (<see cref="Kernels.DecodeAttention"/>, <see cref="Kernels.DecodeGemv"/>); off uses KV copies, SDPA and LibTorch's
+    /// GEMMs. Default: on.
     /// </summary>
-    public bool DecodeAttentionKernel { get; set; } = true;
+    public bool DecodeKernels { get; set; } = true;
 
     /// <summary>The model kernels these options ask for.</summary>
     public Models.LlamaKernelOptions Kernels => Models.LlamaKernelOptions.Default with
     {
         DecodeGraphs = CudaGraphs ? Models.DecodeGraphMode.Auto : Models.DecodeGraphMode.Off,
-        DecodeAttentionKernel = DecodeAttentionKernel,
+        DecodeAttentionKernel = DecodeKernels,
+        DecodeGemvKernel = DecodeKernels,
     };
 
     /// <summary>Whether the device is a CUDA device.</summary>

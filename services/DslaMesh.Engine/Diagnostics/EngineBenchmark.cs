@@ -61,7 +61,7 @@ public sealed record EngineBenchmarkSettings
     /// <summary>Also time every decode cell with decode graphs off (<see cref="DecodeGraphMode.Off"/>): before/after, same run.</summary>
     public bool CompareWithoutGraphs { get; init; }
 
-    /// <summary>Also time every decode cell with KV copies + SDPA instead of the decode attention kernel: before/after, same run.</summary>
+    /// <summary>Also time every decode cell with KV copies, SDPA and LibTorch GEMMs instead of the decode kernels: before/after, same run.</summary>
     public bool CompareWithoutDecodeKernel { get; init; }
 }
 
@@ -101,7 +101,7 @@ public sealed record BenchmarkReport
     public PlainKernelMeasurements? PlainKernels { get; init; }
     /// <summary>The decode cells again with decode graphs off (when asked for and the main run used them).</summary>
     public IReadOnlyList<DecodeMeasurement>? DecodeWithoutGraphs { get; init; }
-    /// <summary>The decode cells again with KV copies + SDPA instead of the decode attention kernel (when asked for and the main run used it).</summary>
+    /// <summary>The decode cells again without the decode kernels (when asked for and the main run used them).</summary>
     public IReadOnlyList<DecodeMeasurement>? DecodeWithoutKernel { get; init; }
     public IReadOnlyDictionary<string, string> Notes { get; init; } = new Dictionary<string, string>();
     public required string Timestamp { get; init; }
@@ -208,8 +208,8 @@ public static class EngineBenchmark
         List<DecodeMeasurement>? withoutKernel = null;
         if (settings.CompareWithoutDecodeKernel && notes["decode_attention"] == "kernel")
         {
-            log("decode with KV copies + SDPA instead of the decode attention kernel (before/after)");
-            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false });
+            log("decode with KV copies, SDPA and LibTorch GEMMs instead of the decode kernels (before/after)");
+            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false, DecodeGemvKernel = false });
             sdpa.InitializeRandom(settings.Seed);
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
             withoutKernel = MeasureDecodeGrid(sdpa, settings, device, cuda, budget, log);

@@ -31,15 +31,7 @@ public static class KernelChecks
     /// <exception cref="InvalidOperationException">The device is not CUDA or the kernels are unavailable.</exception>
     public static IReadOnlyList<KernelCheck> DecodeAttentionCases(Device device, Action<KernelCheck>? progress = null)
     {
-        ArgumentNullException.ThrowIfNull(device);
-        if (device.type != TorchSharp.DeviceType.CUDA)
-        {
-            throw new InvalidOperationException($"The kernel checks need a CUDA device (got {device}); run them on a GPU host: dslactl kernels check --device cuda.");
-        }
-        if (!CudaKernels.IsAvailable)
-        {
-            throw new InvalidOperationException($"CUDA kernels are unavailable: {CudaKernels.UnavailableReason}.");
-        }
+        RequireCuda(device);
         var results = new List<KernelCheck>();
         var shapes = new (int Rows, int KvHeads, int Group, int HeadDim)[]
         {
@@ -69,6 +61,65 @@ public static class KernelChecks
             }
         }
         return results;
+    }
+
+    /// <summary>Runs the GEMV cases on <paramref name="device"/> (CUDA): every epilogue, 1–8 rows, odd sizes, strided rows.</summary>
+    public static IReadOnlyList<KernelCheck> DecodeGemvCases(Device device, Action<KernelCheck>? progress = null)
+    {
+        RequireCuda(device);
+        var results = new List<KernelCheck>();
+        var seed = 1000L;
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
+        {
+            foreach (var rows in new[] { 1, 3, 8 })
+            {
+                foreach (var (n, k) in new[] { (100, 64), (4096, 4096), (37, 1008) })
+                {
+                    foreach (var epilogue in Enum.GetValues<GemvEpilogue>())
+                    {
+                        var check = DecodeGemvCase(dtype, rows, n, k, epilogue, device, seed++);
+                        results.Add(check);
+                        progress?.Invoke(check);
+                    }
+                }
+            }
+        }
+        return results;
+    }
+
+    private static KernelCheck DecodeGemvCase(ScalarType dtype, int rows, int n, int k, GemvEpilogue epilogue, Device device, long seed)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var generator = new TorchSharp.torch.Generator((ulong)seed, device);
+        // x as every other row of a larger buffer: rows a stride apart, as a narrowed projection output is.
+        var x = randn([rows, 2, k], generator: generator, device: device).to(dtype).select(1, 0);
+        var weight = (randn([epilogue == GemvEpilogue.SiluGate ? 2 * n : n, k], generator: generator, device: device) / Math.Sqrt(k)).to(dtype);
+        var product = matmul(x.to(ScalarType.Float32), weight.to(ScalarType.Float32).t());
+        var output = randn([rows, n], generator: generator, device: device).to(dtype);
+        var expected = epilogue switch
+        {
+            GemvEpilogue.AddInto => output.to(ScalarType.Float32) + product,
+            GemvEpilogue.SiluGate => nn.functional.silu(product.narrow(1, 0, n)) * product.narrow(1, n, n),
+            _ => product,
+        };
+        DecodeGemv.Run(x, weight, output, epilogue);
+        var error = (output.to(ScalarType.Float32) - expected).abs().max().item<float>();
+        var tolerance = 1.5 * Tolerance(dtype);
+        return new KernelCheck("decode_gemv", $"rows={rows} N={n} K={k} {epilogue}", dtype.ToString().ToLowerInvariant(), error, tolerance, true, error <= tolerance);
+    }
+
+    private static void RequireCuda(Device device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        if (device.type != TorchSharp.DeviceType.CUDA)
+        {
+            throw new InvalidOperationException($"The kernel checks need a CUDA device (got {device}); run them on a GPU host: dslactl kernels check --device cuda.");
+        }
+        if (!CudaKernels.IsAvailable)
+        {
+            throw new InvalidOperationException($"CUDA kernels are unavailable: {CudaKernels.UnavailableReason}.");
+        }
     }
 
     /// <summary>

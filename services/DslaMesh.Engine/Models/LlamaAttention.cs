@@ -30,11 +30,16 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly FusedLinear? _qkv;
     private readonly long _hidden;
     private readonly bool _decodeKernel;
+    private readonly bool _gemvKernel;
 
-    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true, bool decodeKernel = true) : base("LlamaAttention")
+    public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaAttention")
     {
         ArgumentNullException.ThrowIfNull(config);
-        _decodeKernel = decodeKernel && device.type == TorchSharp.DeviceType.CUDA;
+        ArgumentNullException.ThrowIfNull(device);
+        kernels ??= LlamaKernelOptions.Default;
+        var fuseProjections = kernels.FuseProjections;
+        _decodeKernel = kernels.DecodeAttentionKernel && device.type == TorchSharp.DeviceType.CUDA;
+        _gemvKernel = kernels.DecodeGemvKernel && device.type == TorchSharp.DeviceType.CUDA;
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
@@ -96,7 +101,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     {
         using var scope = NewDisposeScope();
         // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
-        var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
+        var qkv = (DecodeProducts.Product(_gemvKernel, x, _qkv!.Weight, _qkv.Bias) ?? _qkv.Forward(x)).view(b, t, _heads + (2 * _kvHeads), _headDim);
         var rolled = qkv.roll(_headDim / 2, -1);
         var qkCount = _heads + _kvHeads;
         var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), cosTokenMajor, sinSignedTokenMajor);
@@ -137,7 +142,12 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     internal void AddOutputTo(Tensor residual, Tensor merged)
     {
         using var scope = NewDisposeScope();
-        residual.view(-1, _hidden).addmm_(merged.reshape(-1, _heads * _headDim), _o.WeightTransposed);
+        var rows = residual.view(-1, _hidden);
+        var input = merged.reshape(-1, _heads * _headDim);
+        if (!DecodeProducts.AddInto(_gemvKernel, rows, input, _o.Weight))
+        {
+            rows.addmm_(input, _o.WeightTransposed);
+        }
     }
 
     /// <summary>Attention before the output projection: x [B, T, D] → [B, T, H·hd].</summary>

@@ -24,8 +24,8 @@ public sealed class LlamaDecoderLayer : nn.Module
         ArgumentNullException.ThrowIfNull(config);
         kernels ??= LlamaKernelOptions.Default;
         Index = index;
-        _attention = new LlamaAttention(config, dtype, device, kernels.FuseProjections, kernels.DecodeAttentionKernel);
-        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections);
+        _attention = new LlamaAttention(config, dtype, device, kernels);
+        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel && device.type == TorchSharp.DeviceType.CUDA);
         _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         RegisterComponents();

@@ -207,7 +207,9 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         using var scope = NewDisposeScope();
         var normed = _norm.forward(hidden);
-        var logits = _lmHead is null ? nn.functional.linear(normed, _embedTokens) : _lmHead.forward(normed);
+        var gemv = Kernels.DecodeGemvKernel && Device.type == TorchSharp.DeviceType.CUDA;
+        var logits = DecodeProducts.Product(gemv, normed, _lmHead?.Weight ?? _embedTokens, _lmHead?.Bias)
+            ?? (_lmHead is null ? nn.functional.linear(normed, _embedTokens) : _lmHead.forward(normed));
         return logits.MoveToOuterDisposeScope();
     }
 

@@ -9,8 +9,8 @@ public sealed record LlamaKernelOptions
     /// <summary>The fast path.</summary>
     public static LlamaKernelOptions Default { get; } = new();
 
-    /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm, KV copies and SDPA in decode.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false };
+    /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm, KV copies, SDPA and LibTorch GEMMs in decode.</summary>
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false, DecodeGemvKernel = false };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
@@ -24,6 +24,13 @@ public sealed record LlamaKernelOptions
     /// off, KV copies and SDPA.
     /// </summary>
     public bool DecodeAttentionKernel { get; init; } = true;
+
+    /// <summary>
+    /// On CUDA, run the projections of decode steps with at most <see cref="Kernels.DecodeGemv.MaxRows"/> rows as the
+    /// engine's runtime-compiled GEMV kernel (<see cref="Kernels.DecodeGemv"/>: residual add and SiLU gate fused); else
+    /// LibTorch's GEMM.
+    /// </summary>
+    public bool DecodeGemvKernel { get; init; } = true;
 
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;

@@ -19,10 +19,12 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     private readonly FusedLinear? _gateUp;
     private readonly long _intermediate;
     private readonly long _hidden;
+    private readonly bool _gemvKernel;
 
-    public LlamaMlp(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true) : base("LlamaMLP")
+    public LlamaMlp(LlamaConfig config, ScalarType dtype, Device device, bool fuseProjections = true, bool gemvKernel = false) : base("LlamaMLP")
     {
         ArgumentNullException.ThrowIfNull(config);
+        _gemvKernel = gemvKernel;
         _intermediate = config.IntermediateSize;
         _hidden = config.HiddenSize;
         if (fuseProjections)
@@ -58,8 +60,12 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
         {
             return (residual + forward(x)).MoveToOuterDisposeScope();
         }
-        var act = Activation(x);
-        residual.view(-1, _hidden).addmm_(act.view(-1, _intermediate), _down.WeightTransposed);
+        var act = Activation(x).view(-1, _intermediate);
+        var rows = residual.view(-1, _hidden);
+        if (!DecodeProducts.AddInto(_gemvKernel, rows, act, _down.Weight))
+        {
+            rows.addmm_(act, _down.WeightTransposed);
+        }
         return residual;
     }
 
@@ -71,6 +77,10 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         if (_gateUp is not null && _gateUp.IsIntact())
         {
+            if (DecodeProducts.GatedProduct(_gemvKernel, x, _gateUp.Weight, _gateUp.Bias) is { } gated)
+            {
+                return gated.MoveToOuterDisposeScope();
+            }
             var gateUp = _gateUp.Forward(x);
             var act = nn.functional.silu(gateUp.narrow(-1, 0, _intermediate));
             return act.mul_(gateUp.narrow(-1, _intermediate, _intermediate)).MoveToOuterDisposeScope();

@@ -113,7 +113,9 @@ public sealed class DecodeAttentionTests
     {
         Assert.True(LlamaKernelOptions.Default.DecodeAttentionKernel);
         Assert.False(LlamaKernelOptions.Plain.DecodeAttentionKernel);
-        Assert.False(new TorchBackendOptions { DecodeAttentionKernel = false }.Kernels.DecodeAttentionKernel);
+        Assert.False(LlamaKernelOptions.Plain.DecodeGemvKernel);
+        var off = new TorchBackendOptions { DecodeKernels = false }.Kernels;
+        Assert.False(off.DecodeAttentionKernel || off.DecodeGemvKernel);
         Assert.Equal(DecodeGraphMode.Off, new TorchBackendOptions { CudaGraphs = false }.Kernels.DecodeGraphs);
     }
 }

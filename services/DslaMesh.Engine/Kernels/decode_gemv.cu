@@ -1,0 +1,209 @@
+// Decode-time matrix-vector products: y[m, n] = Σ_k x[m, k] · W[n, k] for a few rows m (decode steps of small batches),
+// reading W once. Weight-bandwidth bound, so the kernel's job is to keep enough 16-byte loads of W in flight.
+//
+// Compiled at run time by NVRTC (Kernels/CudaKernels.cs) once per (ROWS, EPILOGUE, SCALAR_KIND); no CUDA headers.
+//   ROWS         rows of x (1 … 8)
+//   EPILOGUE     0: y = x·Wᵀ          W [N, K], y [ROWS, N]
+//                1: y += x·Wᵀ         (the residual add of o_proj and down_proj, in place)
+//                2: y = silu(x·W_gᵀ) ⊙ (x·W_uᵀ) with W = [W_g; W_u] [2N, K] (Llama's gate/up pair), y [ROWS, N]
+//   SCALAR_KIND  0 = fp32, 1 = bf16, 2 = fp16 (x, W and y share it; arithmetic is fp32)
+// x and y rows are `x_stride` / `y_stride` elements apart; W rows are contiguous (K elements), 16-byte aligned, and
+// K is a multiple of 16 bytes' worth of elements. Grid: ceil(N / (WARPS · OUTPUTS_PER_WARP)) blocks of WARPS warps.
+
+#if SCALAR_KIND == 0
+typedef float scalar_t;
+#define VEC 4
+__device__ __forceinline__ float to_float(scalar_t x) { return x; }
+__device__ __forceinline__ scalar_t from_float(float f) { return f; }
+__device__ __forceinline__ void unpack(const uint4 raw, float* f)
+{
+    f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
+}
+#else
+typedef unsigned short scalar_t;
+#define VEC 8
+#if SCALAR_KIND == 1
+__device__ __forceinline__ float half_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
+__device__ __forceinline__ scalar_t from_float(float f)
+{
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u)
+    {
+        return (scalar_t)((u >> 16) | 0x40u);
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (scalar_t)(u >> 16);
+}
+#else
+__device__ __forceinline__ float half_to_float(unsigned int bits)
+{
+    float f;
+    unsigned short h = (unsigned short)bits;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+__device__ __forceinline__ scalar_t from_float(float f)
+{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+#endif
+__device__ __forceinline__ float to_float(scalar_t x) { return half_to_float((unsigned int)x); }
+__device__ __forceinline__ void unpack(const uint4 raw, float* f)
+{
+    const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+    {
+        f[2 * i] = half_to_float(words[i] & 0xffffu);
+        f[2 * i + 1] = half_to_float(words[i] >> 16);
+    }
+}
+#endif
+
+#define WARPS 8
+#define THREADS (WARPS * 32)
+#define OUTPUTS_PER_WARP 2                 // output columns n per warp (gate/up: pairs)
+#define UNROLL 4                           // 16-byte loads of each W row in flight per lane
+#define WEIGHT_ROWS (EPILOGUE == 2 ? 2 * OUTPUTS_PER_WARP : OUTPUTS_PER_WARP)
+
+__device__ __forceinline__ uint4 load_streaming(const scalar_t* p)
+{
+    // W is read once per step: don't let it evict x (which every warp re-reads) from L1.
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
+    const scalar_t* __restrict__ x, long long x_stride,
+    const scalar_t* __restrict__ weight, int n, int k,
+    scalar_t* __restrict__ y, long long y_stride)
+{
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int first = (blockIdx.x * WARPS + warp) * OUTPUTS_PER_WARP;
+    if (first >= n)
+    {
+        return;
+    }
+    // Weight rows this warp reads: its outputs' rows, and for gate/up the matching up rows N further on.
+    const scalar_t* rows[WEIGHT_ROWS];
+    bool live[WEIGHT_ROWS];
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; r++)
+    {
+        const int output = first + (r % OUTPUTS_PER_WARP);
+        live[r] = output < n;
+        const int row = (EPILOGUE == 2 && r >= OUTPUTS_PER_WARP) ? output + n : output;
+        rows[r] = weight + (long long)(live[r] ? row : first) * k;
+    }
+
+    float acc[WEIGHT_ROWS][ROWS];
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; r++)
+    {
+#pragma unroll
+        for (int m = 0; m < ROWS; m++)
+        {
+            acc[r][m] = 0.f;
+        }
+    }
+
+    const int step = 32 * VEC;              // elements of K a warp covers per load
+    for (int base = lane * VEC; base < k; base += step * UNROLL)
+    {
+        uint4 raw[UNROLL][WEIGHT_ROWS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+        {
+            const int offset = base + u * step;
+#pragma unroll
+            for (int r = 0; r < WEIGHT_ROWS; r++)
+            {
+                raw[u][r] = offset < k ? load_streaming(rows[r] + offset) : make_uint4(0u, 0u, 0u, 0u);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; u++)
+        {
+            const int offset = base + u * step;
+            if (offset >= k)
+            {
+                break;
+            }
+            float input[ROWS][VEC];
+#pragma unroll
+            for (int m = 0; m < ROWS; m++)
+            {
+                unpack(*reinterpret_cast<const uint4*>(x + m * x_stride + offset), input[m]);
+            }
+#pragma unroll
+            for (int r = 0; r < WEIGHT_ROWS; r++)
+            {
+                float w[VEC];
+                unpack(raw[u][r], w);
+#pragma unroll
+                for (int m = 0; m < ROWS; m++)
+                {
+#pragma unroll
+                    for (int i = 0; i < VEC; i++)
+                    {
+                        acc[r][m] += w[i] * input[m][i];
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < WEIGHT_ROWS; r++)
+    {
+#pragma unroll
+        for (int m = 0; m < ROWS; m++)
+        {
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2)
+            {
+                acc[r][m] += __shfl_xor_sync(0xffffffffu, acc[r][m], offset);
+            }
+        }
+    }
+
+    // Lane m·OUTPUTS_PER_WARP + o writes output (m, first + o).
+    if (lane < ROWS * OUTPUTS_PER_WARP)
+    {
+        const int m = lane / OUTPUTS_PER_WARP;
+        const int o = lane % OUTPUTS_PER_WARP;
+        float value = 0.f;
+#pragma unroll
+        for (int mm = 0; mm < ROWS; mm++)
+        {
+#pragma unroll
+            for (int oo = 0; oo < OUTPUTS_PER_WARP; oo++)
+            {
+                if (mm == m && oo == o)
+                {
+#if EPILOGUE == 2
+                    const float gate = acc[oo][mm];
+                    value = gate / (1.f + __expf(-gate)) * acc[OUTPUTS_PER_WARP + oo][mm];
+#else
+                    value = acc[oo][mm];
+#endif
+                }
+            }
+        }
+        const int output = first + o;
+        if (output < n)
+        {
+            scalar_t* target = y + m * y_stride + output;
+#if EPILOGUE == 1
+            *target = from_float(to_float(*target) + value);
+#else
+            *target = from_float(value);
+#endif
+        }
+    }
+}
