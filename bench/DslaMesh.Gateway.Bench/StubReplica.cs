@@ -13,26 +13,36 @@ namespace DslaMesh.Gateway.Bench;
 /// A replica without a model: SSE and gRPC streams of a fixed number of token-sized chunks, either all at once or one
 /// per token interval, /health, and a registration plus metrics in Redis like a model service. Each chunk's text is the
 /// Stopwatch timestamp of its write (<c>" t123…"</c>), so the client measures its delivery time. With no model time in
-/// the way, what remains of a request's latency is HTTP, the proxy and the client.
+/// the way, what remains of a request's latency is HTTP, the proxy and the client. Without Redis (the <c>static</c>
+/// registry) it only serves, and the gateway is given its address instead.
 /// </summary>
 public sealed class StubReplica : IAsyncDisposable
 {
     private readonly WebApplication _app;
-    private readonly ConnectionMultiplexer _redis;
+    private readonly ConnectionMultiplexer? _redis;
     private readonly CancellationTokenSource _stop = new();
     private readonly Task _publisher;
 
-    private StubReplica(WebApplication app, ConnectionMultiplexer redis, string prefix, ServiceRegistration registration)
+    private StubReplica(WebApplication app, ConnectionMultiplexer? redis, string prefix, ServiceRegistration registration)
     {
         _app = app;
         _redis = redis;
         Registration = registration;
-        _publisher = PublishAsync(prefix, _stop.Token);
+        _publisher = redis is null ? Task.CompletedTask : PublishAsync(redis, prefix, _stop.Token);
     }
 
     public ServiceRegistration Registration { get; }
 
-    public static async Task<StubReplica> StartAsync(string redis, string prefix, int httpPort, int grpcPort, int chunks, TimeSpan interval)
+    /// <summary>The registration a stub on these ports publishes (and the one a static gateway is given).</summary>
+    public static ServiceRegistration RegistrationFor(int httpPort, int grpcPort) =>
+        new($"stub-{httpPort}", $"http://localhost:{httpPort}", $"http://localhost:{grpcPort}", "stub", 32, [], "none", 4096, 256, 1024, 1L << 30, DateTimeOffset.UtcNow);
+
+    /// <summary>The metrics a stub publishes every second: idle, nothing converted.</summary>
+    public static ServiceMetricsRecord MetricsFor(string id) =>
+        new(id, DateTimeOffset.UtcNow, 0, 0, new Dictionary<string, int>(), 0, 0, 1L << 30, 0, 0, 0, 0, [], 32, 0, false);
+
+    /// <summary>Starts the stub; with <paramref name="redis"/> null it neither registers nor publishes metrics.</summary>
+    public static async Task<StubReplica> StartAsync(string? redis, string prefix, int httpPort, int grpcPort, int chunks, TimeSpan interval)
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
@@ -63,19 +73,17 @@ public sealed class StubReplica : IAsyncDisposable
         app.MapGet("/health", () => "Healthy");
         app.MapGrpcService<StubGeneration>();
         await app.StartAsync();
-        var multiplexer = await ConnectionMultiplexer.ConnectAsync(redis);
-        var registration = new ServiceRegistration($"stub-{httpPort}", $"http://localhost:{httpPort}", $"http://localhost:{grpcPort}", "stub", 32, [], "none", 4096, 256, 1024, 1L << 30, DateTimeOffset.UtcNow);
-        return new StubReplica(app, multiplexer, prefix, registration);
+        var multiplexer = redis is null ? null : await ConnectionMultiplexer.ConnectAsync(redis);
+        return new StubReplica(app, multiplexer, prefix, RegistrationFor(httpPort, grpcPort));
     }
 
-    private async Task PublishAsync(string prefix, CancellationToken cancellationToken)
+    private async Task PublishAsync(ConnectionMultiplexer redis, string prefix, CancellationToken cancellationToken)
     {
-        var db = _redis.GetDatabase();
+        var db = redis.GetDatabase();
         using var timer = new PeriodicTimer(TimeSpan.FromSeconds(1));
         do
         {
-            var metrics = JsonSerializer.Serialize(new ServiceMetricsRecord(Registration.Id, DateTimeOffset.UtcNow, 0, 0, new Dictionary<string, int>(), 0, 0, 1L << 30, 0, 0, 0, 0, [], 32, 0, false),
-                FleetJsonContext.Default.ServiceMetricsRecord);
+            var metrics = JsonSerializer.Serialize(MetricsFor(Registration.Id), FleetJsonContext.Default.ServiceMetricsRecord);
             await db.StringSetAsync(FleetKeys.Service(prefix, Registration.Id), JsonSerializer.Serialize(Registration, FleetJsonContext.Default.ServiceRegistration), TimeSpan.FromSeconds(5));
             await db.SetAddAsync(FleetKeys.Services(prefix), Registration.Id);
             await db.StringSetAsync(FleetKeys.Metrics(prefix, Registration.Id), metrics, TimeSpan.FromSeconds(5));
@@ -98,7 +106,10 @@ public sealed class StubReplica : IAsyncDisposable
         _stop.Dispose();
         await _app.StopAsync();
         await _app.DisposeAsync();
-        await _redis.DisposeAsync();
+        if (_redis is not null)
+        {
+            await _redis.DisposeAsync();
+        }
     }
 }
 
