@@ -193,7 +193,10 @@ public static class GatewayBench
             }
         }
 
-        var machineCores = Affinity.MachineCores();
+        // The CPUs the bench was started with (before --client-cpus pinned it), and the machine's online CPUs.
+        var startCpus = Environment.GetEnvironmentVariable(BenchRoles.UnpinnedCpusVariable) is { Length: > 0 } started ? CpuSet.Parse(started)
+            : OperatingSystem.IsLinux() ? Affinity.Current() : null;
+        var machineCores = startCpus?.Cpus.Count ?? Environment.ProcessorCount;
         var cpus = running.Cpus();
         var pacing = interval > 0 ? $"one token every {interval:F0} ms" : "all tokens at once";
         var where = processes
@@ -234,7 +237,7 @@ public static class GatewayBench
         {
             benchmark = "gateway-overhead",
             date = DateTimeOffset.UtcNow,
-            machine = new { cores = machineCores, client_cores = Environment.ProcessorCount, os = RuntimeInformation.OSDescription, runtime = RuntimeInformation.FrameworkDescription },
+            machine = new { cores = machineCores, cpus = startCpus?.ToString(), online_cpus = Affinity.MachineCores(), client_cores = Environment.ProcessorCount, os = RuntimeInformation.OSDescription, runtime = RuntimeInformation.FrameworkDescription },
             settings = new
             {
                 concurrency, seconds_per_cell = seconds, chunks_per_stream = chunks, token_interval_ms = interval, backend = interval > 0 ? $"stub replica (one token every {interval} ms)" : "stub replica (instant tokens)", max_requests_per_cell = MaxRequestsPerCell,

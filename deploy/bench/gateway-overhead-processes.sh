@@ -11,8 +11,8 @@
 #          `tar -xJf dslamesh-gwbench.tar.xz -C /tmp` (BUNDLE_DIR = /tmp/dslamesh-gwbench). Five runs, each writing
 #          RESULTS_DIR/NAME.json and NAME.log:
 #            inprocess          client, gateway and replica in one process on all cores (the default mode, for reference)
-#            processes          --processes, client CPUs 0-3, gateway 4-11, replica 12-15 on 16 cores
-#                               (elsewhere: first quarter / middle half / last quarter)
+#            processes          --processes, client CPUs 0-3, gateway 4-11, replica 12-15 on 16 CPUs 0-15
+#                               (in general: first quarter / middle half / last quarter of the CPUs allowed)
 #            processes-paced20  the same split, one token every 20 ms (per-token delivery as a model paces it)
 #            processes-h2-100   the same split, the gateway allowing 100 HTTP/2 streams per client connection instead
 #                               of 1000 (an experiment: gRPC clients then spread 256 streams over several connections)
@@ -43,16 +43,32 @@ bench="$bundle/bin/DslaMesh.Gateway.Bench"
 [ -x "$bench" ] || { echo "error: no $bench (unpack dslamesh-gwbench.tar.xz and pass its folder)" >&2; exit 1; }
 mkdir -p "$results" && results="$(cd "$results" && pwd)"
 
-cores="$(nproc --all 2>/dev/null || getconf _NPROCESSORS_ONLN)"
+# The CPUs this script may use (a container's cpuset need not start at 0), split by position in that list.
+allowed="$(awk '/^Cpus_allowed_list/ {print $2}' /proc/self/status)"
+cpus=()
+IFS=, read -ra parts <<< "$allowed"
+for part in "${parts[@]}"; do
+  if [[ $part == *-* ]]; then
+    for ((c = ${part%-*}; c <= ${part#*-}; c++)); do cpus+=("$c"); done
+  else
+    cpus+=("$part")
+  fi
+done
+cores=${#cpus[@]}
 q=$((cores / 4))
+cpu_list() {   # cpu_list FIRST LAST: the allowed CPUs at those positions (inclusive), comma-separated
+  local out=() i
+  for ((i = $1; i <= $2; i++)); do out+=("${cpus[$i]}"); done
+  (IFS=,; echo "${out[*]}")
+}
 if [ -n "${CLIENT_CPUS:-}" ] && [ -n "${GATEWAY_CPUS:-}" ] && [ -n "${REPLICA_CPUS:-}" ]; then
   client="$CLIENT_CPUS" gateway="$GATEWAY_CPUS" replica="$REPLICA_CPUS"
 elif [ "$q" -ge 1 ]; then
-  client="${CLIENT_CPUS:-0-$((q - 1))}"
-  gateway="${GATEWAY_CPUS:-$q-$((3 * q - 1))}"
-  replica="${REPLICA_CPUS:-$((3 * q))-$((cores - 1))}"
+  client="${CLIENT_CPUS:-$(cpu_list 0 $((q - 1)))}"
+  gateway="${GATEWAY_CPUS:-$(cpu_list "$q" $((3 * q - 1)))}"
+  replica="${REPLICA_CPUS:-$(cpu_list $((3 * q)) $((cores - 1)))}"
 else
-  echo "error: $cores cores; the CPU splits need at least 4 (or set CLIENT_CPUS, GATEWAY_CPUS and REPLICA_CPUS)" >&2
+  echo "error: $cores CPUs ($allowed); the CPU splits need at least 4 (or set CLIENT_CPUS, GATEWAY_CPUS and REPLICA_CPUS)" >&2
   exit 1
 fi
 
@@ -72,13 +88,16 @@ bench_run() {   # bench_run NAME OPTION...
 }
 
 extra=("$@")
-echo "host: $cores cores, $(uname -r), redis-server: $(command -v redis-server || echo 'none (static registry)'), bundle $(cat "$bundle/VERSION" 2>/dev/null)" >&2
+# Which CPUs are hyperthread siblings (a split should not put two roles on one core's two threads).
+{ lscpu -e 2>/dev/null || cat /proc/cpuinfo; } > "$results/cpus.txt"
+echo "host: $cores CPUs allowed ($allowed) of $(nproc --all 2>/dev/null || echo '?') online, $(uname -r), redis-server: $(command -v redis-server || echo 'none (static registry)'), bundle $(cat "$bundle/VERSION" 2>/dev/null)" >&2
 bench_run inprocess
 bench_run processes --processes --client-cpus "$client" --gateway-cpus "$gateway" --replica-cpus "$replica"
 bench_run processes-paced20 --processes --client-cpus "$client" --gateway-cpus "$gateway" --replica-cpus "$replica" --token-interval-ms 20
 bench_run processes-h2-100 --processes --client-cpus "$client" --gateway-cpus "$gateway" --replica-cpus "$replica" --gateway-h2-streams 100
 if [ "$q" -ge 1 ]; then
-  bench_run processes-gw-quarter --processes --client-cpus "0-$((2 * q - 1))" --gateway-cpus "$((2 * q))-$((3 * q - 1))" --replica-cpus "$((3 * q))-$((cores - 1))"
+  bench_run processes-gw-quarter --processes --client-cpus "$(cpu_list 0 $((2 * q - 1)))" --gateway-cpus "$(cpu_list $((2 * q)) $((3 * q - 1)))" \
+    --replica-cpus "$(cpu_list $((3 * q)) $((cores - 1)))"
 else
   echo "== processes-gw-quarter: skipped (fewer than 4 cores)" >&2
 fi
