@@ -91,12 +91,13 @@ public static class KernelChecks
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var generator = new TorchSharp.torch.Generator((ulong)seed, device);
+        var generator = new TorchSharp.torch.Generator((ulong)seed);
+        Tensor Random(long[] shape) => randn(shape, generator: generator).to(device);
         // x as every other row of a larger buffer: rows a stride apart, as a narrowed projection output is.
-        var x = randn([rows, 2, k], generator: generator, device: device).to(dtype).select(1, 0);
-        var weight = (randn([epilogue == GemvEpilogue.SiluGate ? 2 * n : n, k], generator: generator, device: device) / Math.Sqrt(k)).to(dtype);
+        var x = Random([rows, 2, k]).to(dtype).select(1, 0);
+        var weight = (Random([epilogue == GemvEpilogue.SiluGate ? 2 * n : n, k]) / Math.Sqrt(k)).to(dtype);
         var product = matmul(x.to(ScalarType.Float32), weight.to(ScalarType.Float32).t());
-        var output = randn([rows, n], generator: generator, device: device).to(dtype);
+        var output = Random([rows, n]).to(dtype);
         var expected = epilogue switch
         {
             GemvEpilogue.AddInto => output.to(ScalarType.Float32) + product,
@@ -130,16 +131,18 @@ public static class KernelChecks
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
-        var generator = new TorchSharp.torch.Generator((ulong)seed, device);
+        // Inputs come from a seeded CPU generator (TorchSharp's generators live on the CPU), then move to the device.
+        var generator = new TorchSharp.torch.Generator((ulong)seed);
+        Tensor Random(long[] shape) => randn(shape, generator: generator).to(device);
         var heads = kvHeads * group;
         var capacity = length + 5;
-        var projection = randn([rows, heads + (2 * kvHeads), headDim], generator: generator, device: device).to(dtype);
+        var projection = Random([rows, heads + (2 * kvHeads), headDim]).to(dtype);
         var q = projection.narrow(1, 0, heads);
         var kNew = projection.narrow(1, heads, kvHeads);
         var vNew = projection.narrow(1, heads + kvHeads, kvHeads);
         var (batchRows, first) = layout == "batch-rows" ? (rows + 3, 2) : (rows, 0);
-        var keyStorage = randn([batchRows, kvHeads, capacity, headDim], generator: generator, device: device).to(dtype);
-        var valueStorage = randn([batchRows, kvHeads, capacity, headDim], generator: generator, device: device).to(dtype);
+        var keyStorage = Random([batchRows, kvHeads, capacity, headDim]).to(dtype);
+        var valueStorage = Random([batchRows, kvHeads, capacity, headDim]).to(dtype);
         var keys = keyStorage.narrow(0, first, rows);
         var values = valueStorage.narrow(0, first, rows);
         var referenceKeys = keys.clone();
