@@ -5,7 +5,8 @@
 # usage: verify-and-bench.sh OUT_DIR [FIXTURE_DIR] [-- extra `dslactl bench engine` arguments]
 #   FIXTURE_DIR  a tiny HF Llama folder with greedy.json and reference.safetensors
 #                (default: tests/fixtures/llama/llama-gqa-untied of a DslaMesh checkout in the current folder)
-# Environment: SKIP_BASELINE=1 skips transformers; BENCH_TIMEOUT / BASELINE_TIMEOUT (seconds) bound each stage.
+# Environment: SKIP_BASELINE=1 skips transformers; VERIFY_ONLY=1 stops after the correctness checks (and
+# `dslactl kernels check`); BENCH_TIMEOUT / BASELINE_TIMEOUT (seconds) bound each stage.
 set -uo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 out="${1:?usage: verify-and-bench.sh OUT_DIR [FIXTURE_DIR] [-- bench args]}"
@@ -70,6 +71,10 @@ for variant, bound in [("cuda-float32", 1e-4), ("cuda-bfloat16", None)]:
 print("correctness:", "PASS" if ok else "FAIL")
 EOF
 
+echo "== dslactl kernels check (the engine's CUDA kernels against their references)"
+"$here/run.sh" kernels check --json "$out/kernels.json" > "$out/kernels.txt" 2>&1
+echo "kernels check: exit $? ($(tail -1 "$out/kernels.txt"))"
+[ "${VERIFY_ONLY:-0}" = 1 ] && exit 0
 echo "== dslactl bench engine"
 timeout "${BENCH_TIMEOUT:-300}" "$here/run.sh" bench engine --json "$out/engine.json" --compare-plain --compare-without-graphs "${bench_args[@]}" 2> "$out/engine.err" | tee "$out/engine.txt"
 echo "bench exit ${PIPESTATUS[0]}"; cat "$out/engine.err"

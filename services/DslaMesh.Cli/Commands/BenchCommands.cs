@@ -44,6 +44,7 @@ public static class BenchCommands
         var compareWithoutGraphs = new Option<bool>("--compare-without-graphs") { Description = "Also time every decode cell with CUDA graphs off (before/after)." };
         var decodeGraphs = new Option<DecodeGraphMode>("--decode-graphs") { Description = "How decode steps run: Auto (CUDA graphs on CUDA), Off, or Segmented (the graph segments, uncaptured).", DefaultValueFactory = _ => DecodeGraphMode.Auto };
         var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA and LibTorch GEMMs instead of the engine's CUDA kernels." };
+        var noDecodeGemv = new Option<bool>("--no-decode-gemv") { Description = "Keep the decode attention kernel but run projections with LibTorch GEMMs." };
         var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA and LibTorch GEMMs instead of the engine's decode kernels (before/after)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
@@ -52,7 +53,7 @@ public static class BenchCommands
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, compareWithoutDecodeKernel, cudnnAttention, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, cudnnAttention, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -104,7 +105,7 @@ public static class BenchCommands
                 Seed = result.GetValue(seed),
                 Kernels = result.GetValue(plainKernels)
                     ? LlamaKernelOptions.Plain
-                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) },
+                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) && !result.GetValue(noDecodeGemv) },
                 ComparePlain = result.GetValue(comparePlain),
                 CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 CompareWithoutDecodeKernel = result.GetValue(compareWithoutDecodeKernel),

@@ -170,6 +170,7 @@ public static class EngineBenchmark
             log($"model: {info.Parameters / 1e9:F2}B parameters, {info.WeightBytes / 1e9:F2} GB of weights, built on {device} in {stopwatch.Elapsed.TotalSeconds:F1} s");
             notes["decode_graphs"] = model.DecodeGraphStatus;
             notes["decode_attention"] = DecodeAttentionStatus(settings, config, device);
+            notes["decode_gemv"] = settings.Kernels.DecodeGemvKernel && cuda ? $"kernel (≤ {DecodeGemv.MaxRows} rows)" : "libtorch";
             log($"decode attention: {notes["decode_attention"]}");
             log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
