@@ -101,7 +101,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     {
         using var scope = NewDisposeScope();
         // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
-        var qkv = (DecodeProducts.Product(_gemvKernel, x, _qkv!.Weight, _qkv.Bias) ?? _qkv.Forward(x)).view(b, t, _heads + (2 * _kvHeads), _headDim);
+        var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);   // cuBLAS: faster than the GEMV kernel on this shape
         var rolled = qkv.roll(_headDim / 2, -1);
         var qkCount = _heads + _kvHeads;
         var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), cosTokenMajor, sinSignedTokenMajor);
