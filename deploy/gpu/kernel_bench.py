@@ -48,7 +48,8 @@ def check_cu(rc, what):
 torch.zeros(1, device="cuda")  # init primary context
 major, minor = torch.cuda.get_device_capability()
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "services", "DslaMesh.Engine", "Kernels")
-src = open(os.path.join(KERNELS, "decode_attention.cu"), "rb").read()
+SHARED = open(os.path.join(KERNELS, "scalar.cuh"), "rb").read() + b"\n"   # prefixed to every source, as CudaKernels does
+src = SHARED + open(os.path.join(KERNELS, "decode_attention.cu"), "rb").read()
 modules = {}
 def module(head_dim, group, kind):
     key = (head_dim, group, kind)
@@ -116,7 +117,7 @@ def launch(q, k_new, v_new, kc, vc, length, out, keys_per_split=None):
     return splits
 
 # ---- our GEMV kernel vs cuBLAS
-gsrc = open(os.path.join(KERNELS, "decode_gemv.cu"), "rb").read()
+gsrc = SHARED + open(os.path.join(KERNELS, "decode_gemv.cu"), "rb").read()
 gmods = {}
 def gemv_fn(rows, epi, kind):
     key = (rows, epi, kind)

@@ -14,13 +14,14 @@ namespace DslaMesh.Engine.Kernels;
 /// custom-op route; this needs none: kernels take raw device pointers.
 /// </summary>
 /// <remarks>
-/// Sources are embedded resources (<c>Kernels/*.cu</c>). A compiled module is cached on disk per source, options, NVRTC
+/// Sources are embedded resources (<c>Kernels/*.cu</c>, each prefixed with <c>Kernels/scalar.cuh</c>). A compiled module is cached on disk per source, options, NVRTC
 /// version and GPU architecture (<see cref="CacheDirectory"/>), so only the first start on a machine compiles (about a
 /// second per variant). Nothing here is touched on CPU: <see cref="IsAvailable"/> is false there and callers run their
 /// plain tensor code instead.
 /// </remarks>
 public static unsafe class CudaKernels
 {
+    private const string SharedHeader = "scalar.cuh";
     private const int DeviceAttributeMultiprocessorCount = 16;
     private const int DeviceAttributeComputeCapabilityMajor = 75;
     private const int DeviceAttributeComputeCapabilityMinor = 76;
@@ -109,7 +110,8 @@ public static unsafe class CudaKernels
 
     private static byte[] Compile(Api api, string source, List<string> options, string architecture)
     {
-        var text = EmbeddedSource(source);
+        // Every kernel source starts from the shared storage types (scalar.cuh), prefixed here: NVRTC has no include path.
+        var text = EmbeddedSource(SharedHeader) + "\n" + EmbeddedSource(source);
         int nvrtcMajor, nvrtcMinor;
         api.Version(&nvrtcMajor, &nvrtcMinor);
         var hash = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes($"{text}\n{string.Join('\n', options)}\nnvrtc {nvrtcMajor}.{nvrtcMinor}")));

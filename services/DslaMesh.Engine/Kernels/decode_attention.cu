@@ -1,7 +1,7 @@
 // Decode attention with KV-cache append, split over the keys (flash-decoding), for one new token per sequence.
 //
 // Compiled at run time by NVRTC (Kernels/CudaKernels.cs) once per (HEAD_DIM, GROUP, SCALAR_KIND) and GPU architecture;
-// no CUDA headers are included, so it compiles against NVRTC's built-ins alone.
+// scalar.cuh is prefixed at compile time; no CUDA headers are included.
 //   HEAD_DIM     head dimension d (8, 16, 32, 64, 128 or 256 for 16-bit types; 4 … 128 for fp32)
 //   GROUP        query heads per KV head (GQA group), 1 … 8
 //   SCALAR_KIND  0 = fp32, 1 = bf16, 2 = fp16 (storage type; all arithmetic is fp32)
@@ -16,55 +16,7 @@
 // GROUP query heads of its group. With one split it writes `out`; otherwise it writes an unnormalised partial result
 // (max, sum, Σ p·v in fp32) that combine_splits merges.
 
-#if SCALAR_KIND == 0
-typedef float scalar_t;
-#define VEC 4
-__device__ __forceinline__ void unpack(const uint4 raw, float* f)
-{
-    f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
-}
-__device__ __forceinline__ scalar_t from_float(float f) { return f; }
-#else
-typedef unsigned short scalar_t;
-#define VEC 8
-#if SCALAR_KIND == 1
-__device__ __forceinline__ float half_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
-__device__ __forceinline__ scalar_t from_float(float f)
-{
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u)
-    {
-        return (scalar_t)((u >> 16) | 0x40u);   // NaN stays NaN
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);           // round to nearest even
-    return (scalar_t)(u >> 16);
-}
-#else
-__device__ __forceinline__ float half_to_float(unsigned int bits)
-{
-    float f;
-    unsigned short h = (unsigned short)bits;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ scalar_t from_float(float f)
-{
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-#endif
-__device__ __forceinline__ void unpack(const uint4 raw, float* f)
-{
-    const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-    {
-        f[2 * i] = half_to_float(words[i] & 0xffffu);
-        f[2 * i + 1] = half_to_float(words[i] >> 16);
-    }
-}
-#endif
+// scalar_t, VEC, unpack, to_float and from_float come from scalar.cuh.
 
 #define LANES (HEAD_DIM / VEC)            // lanes that share one key row (16 bytes each)
 #define KEYS_PER_WARP (32 / LANES)        // keys a warp reads at once

@@ -1,7 +1,7 @@
 // Decode-time matrix-vector products: y[m, n] = Σ_k x[m, k] · W[n, k] for a few rows m (decode steps of small batches),
 // reading W once. Weight-bandwidth bound, so the kernel's job is to keep enough 16-byte loads of W in flight.
 //
-// Compiled at run time by NVRTC (Kernels/CudaKernels.cs) once per (ROWS, EPILOGUE, SCALAR_KIND); no CUDA headers.
+// Compiled at run time by NVRTC (Kernels/CudaKernels.cs) once per (ROWS, EPILOGUE, SCALAR_KIND), scalar.cuh prefixed.
 //   ROWS         rows of x (1 … 8)
 //   EPILOGUE     0: y = x·Wᵀ          W [N, K], y [ROWS, N]
 //                1: y += x·Wᵀ         (the residual add of o_proj and down_proj, in place)
@@ -10,57 +10,7 @@
 // x and y rows are `x_stride` / `y_stride` elements apart; W rows are contiguous (K elements), 16-byte aligned, and
 // K is a multiple of 16 bytes' worth of elements. Grid: ceil(N / (WARPS · OUTPUTS_PER_WARP)) blocks of WARPS warps.
 
-#if SCALAR_KIND == 0
-typedef float scalar_t;
-#define VEC 4
-__device__ __forceinline__ float to_float(scalar_t x) { return x; }
-__device__ __forceinline__ scalar_t from_float(float f) { return f; }
-__device__ __forceinline__ void unpack(const uint4 raw, float* f)
-{
-    f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
-}
-#else
-typedef unsigned short scalar_t;
-#define VEC 8
-#if SCALAR_KIND == 1
-__device__ __forceinline__ float half_to_float(unsigned int bits) { return __uint_as_float(bits << 16); }
-__device__ __forceinline__ scalar_t from_float(float f)
-{
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u)
-    {
-        return (scalar_t)((u >> 16) | 0x40u);
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (scalar_t)(u >> 16);
-}
-#else
-__device__ __forceinline__ float half_to_float(unsigned int bits)
-{
-    float f;
-    unsigned short h = (unsigned short)bits;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ scalar_t from_float(float f)
-{
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-#endif
-__device__ __forceinline__ float to_float(scalar_t x) { return half_to_float((unsigned int)x); }
-__device__ __forceinline__ void unpack(const uint4 raw, float* f)
-{
-    const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-    {
-        f[2 * i] = half_to_float(words[i] & 0xffffu);
-        f[2 * i + 1] = half_to_float(words[i] >> 16);
-    }
-}
-#endif
+// scalar_t, VEC, unpack, to_float and from_float come from scalar.cuh.
 
 #define WARPS 8
 #define THREADS (WARPS * 32)

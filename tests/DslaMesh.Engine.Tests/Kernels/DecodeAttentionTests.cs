@@ -101,6 +101,16 @@ public sealed class DecodeAttentionTests
     }
 
     [Fact]
+    public void Kernel_sources_and_their_shared_header_are_embedded()
+    {
+        var names = typeof(CudaKernels).Assembly.GetManifestResourceNames();
+        foreach (var source in new[] { "decode_attention.cu", "decode_gemv.cu", "scalar.cuh" })
+        {
+            Assert.Contains(names, n => n.EndsWith("." + source, StringComparison.Ordinal));
+        }
+    }
+
+    [Fact]
     public void Kernel_checks_say_they_need_a_GPU()
     {
         TorchRuntime.EnsureCpu();
