@@ -82,7 +82,7 @@ SMS = torch.cuda.get_device_properties(0).multi_processor_count
 
 def choose_split(length, b, hkv):
     total = length + 1
-    target = 16 * SMS   # as DecodeAttention.Splits
+    target = 2 * SMS    # as DecodeAttention.Splits
     per = math.ceil(total * b * hkv / target)
     per = max(32, min(512, ((per + 31) // 32) * 32))
     return per, math.ceil(total / per)

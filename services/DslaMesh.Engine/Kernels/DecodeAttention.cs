@@ -19,8 +19,8 @@ namespace DslaMesh.Engine.Kernels;
 /// the call writes the new key and value at position <c>length</c> and attends over [0, length].
 /// </para>
 /// <para>
-/// The keys are split across thread blocks (flash-decoding): enough splits to give every multiprocessor about 16
-/// blocks, 32–512 keys each; with more than one split a second kernel merges the partial softmax results. Arithmetic is fp32.
+/// The keys are split across thread blocks (flash-decoding): enough splits to give every multiprocessor two blocks,
+/// 32–512 keys each; with more than one split a second kernel merges the partial softmax results. Arithmetic is fp32.
 /// </para>
 /// </remarks>
 public static unsafe class DecodeAttention
@@ -29,7 +29,7 @@ public static unsafe class DecodeAttention
     private const int MaxGroup = 8;
     private const int MinKeysPerSplit = 32;
     private const int MaxKeysPerSplit = 512;
-    private const long BlocksPerMultiprocessor = 16;
+    private const long BlocksPerMultiprocessor = 2;
 
     [ThreadStatic]
     private static Tensor? _workspace;
@@ -124,13 +124,14 @@ public static unsafe class DecodeAttention
     }
 
     /// <summary>
-    /// Keys per block and blocks per (row, KV head) for <paramref name="keys"/> keys: about 16 blocks per multiprocessor
-    /// where the keys allow, each reading a multiple of 32 keys between 32 and 512.
+    /// Keys per block and blocks per (row, KV head) for <paramref name="keys"/> keys: two blocks per multiprocessor where
+    /// the keys allow, each reading a multiple of 32 keys between 32 and 512.
     /// </summary>
     /// <remarks>
-    /// Measured on an NVIDIA H200 (132 multiprocessors, bf16, 32 KV heads × 128, 2026-12-02): the kernel's bandwidth grows
-    /// with the block count, about 3.2 TB/s with ~1,000 blocks, 3.9 with 2,300–3,000 and 4.4 with 8,000 or more, and it
-    /// is memory-bound from one row on, so more, shorter splits pay (their partial results are a few MB at most).
+    /// Measured on an NVIDIA H200 (bf16, head size 128, 2026-12-02): aiming at 16 blocks per multiprocessor instead gained
+    /// nothing at batch 1 with 32 KV heads (82.8 vs 83.7 µs per layer at 16k, 9.7 vs 8.6 at 1k) and lost with GQA (8 KV
+    /// heads × 4: 74.2 vs 53.6 µs at 16k, 23.0 vs 16.8 at 4k), where the many short splits cost more to merge than
+    /// they add in parallelism.
     /// </remarks>
     public static (int KeysPerSplit, int Splits) Splits(long keys, long rows, long kvHeads, int multiprocessors)
     {
