@@ -66,6 +66,26 @@ public static unsafe class DecodeAttention
         return group is < 1 or > MaxGroup ? $"{group} query heads per KV head" : null;
     }
 
+    /// <summary>
+    /// Compiles (or loads from the disk cache) the kernels a model with these shapes will launch, so that the first
+    /// decode step does not pay for it. A no-op where <see cref="Unsupported"/> names a reason.
+    /// </summary>
+    public static void Prepare(ScalarType dtype, long queryHeads, long kvHeads, long headDim, Device device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        using var scope = NewDisposeScope();
+        var q = empty([1, queryHeads, headDim], dtype: dtype, device: device);
+        var k = empty([1, kvHeads, headDim], dtype: dtype, device: device);
+        if (Unsupported(q, k) is not null)
+        {
+            return;
+        }
+        var defines = Defines(q.dtype, headDim, queryHeads / kvHeads);
+        var ordinal = (int)Math.Max(device.index, 0);
+        _ = CudaKernels.Function(Source, "decode_attention", defines, ordinal);
+        _ = CudaKernels.Function(Source, "combine_splits", defines, ordinal);
+    }
+
     /// <summary>Appends kNew/vNew at <paramref name="length"/> and writes the attention of q over [0, length] into <paramref name="output"/>.</summary>
     /// <exception cref="ArgumentException">Shapes, dtypes, devices, strides or alignment do not fit (the message says which).</exception>
     public static void Run(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
@@ -74,12 +94,7 @@ public static unsafe class DecodeAttention
         var (b, hq, hkv, d) = shape;
         var device = (int)Math.Max(q.device_index, 0);
         var (keysPerSplit, splits) = Splits(length + 1, b, hkv, CudaKernels.MultiprocessorCount(device));
-        var defines = new[]
-        {
-            ("HEAD_DIM", d.ToString(CultureInfo.InvariantCulture)),
-            ("GROUP", (hq / hkv).ToString(CultureInfo.InvariantCulture)),
-            ("SCALAR_KIND", q.dtype switch { ScalarType.Float32 => "0", ScalarType.BFloat16 => "1", _ => "2" }),
-        };
+        var defines = Defines(q.dtype, d, hq / hkv);
         var attention = CudaKernels.Function(Source, "decode_attention", defines, device);
         var partialOut = 0L;
         var partialStats = 0L;
@@ -220,6 +235,13 @@ public static unsafe class DecodeAttention
         }
         return (b, hq, hkv, d);
     }
+
+    private static (string Name, string Value)[] Defines(ScalarType dtype, long headDim, long group) =>
+    [
+        ("HEAD_DIM", headDim.ToString(CultureInfo.InvariantCulture)),
+        ("GROUP", group.ToString(CultureInfo.InvariantCulture)),
+        ("SCALAR_KIND", dtype switch { ScalarType.Float32 => "0", ScalarType.BFloat16 => "1", _ => "2" }),
+    ];
 
     private static long Pointer(Tensor tensor) =>
         AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");

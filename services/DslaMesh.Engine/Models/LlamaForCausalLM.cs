@@ -53,9 +53,18 @@ public sealed class LlamaForCausalLM : nn.Module
 
     /// <summary>
     /// Captures the decode graphs of every batch size up to <paramref name="maxRows"/> ahead of traffic (CUDA graphs
-    /// only; otherwise nothing happens). Returns how many batch sizes were captured.
+    /// only; otherwise nothing happens), and compiles the decode kernels on CUDA. Returns how many batch sizes were captured.
     /// </summary>
-    public int PrepareDecodeGraphs(int maxRows) => _decodeGraphs.Prepare(maxRows);
+    public int PrepareDecodeGraphs(int maxRows)
+    {
+        // The decode attention kernel runs between graph segments, so capturing compiles everything but it: compile it
+        // now too, rather than on the first request.
+        if (Kernels.DecodeAttentionKernel && Device.type == TorchSharp.DeviceType.CUDA)
+        {
+            Engine.Kernels.DecodeAttention.Prepare(DType, Config.NumAttentionHeads, Config.NumKeyValueHeads, Config.HeadDim, Device);
+        }
+        return _decodeGraphs.Prepare(maxRows);
+    }
 
     /// <summary>The decoder layers.</summary>
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layerArray;
