@@ -169,8 +169,8 @@ public static class EngineBenchmark
                 config.IntermediateSize, config.VocabSize, model.parameters().Sum(p => p.NumberOfElements), model.WeightBytes, model.DecodeWeightReadBytes);
             log($"model: {info.Parameters / 1e9:F2}B parameters, {info.WeightBytes / 1e9:F2} GB of weights, built on {device} in {stopwatch.Elapsed.TotalSeconds:F1} s");
             notes["decode_graphs"] = model.DecodeGraphStatus;
-            notes["decode_attention"] = DecodeAttentionStatus(settings, config, device);
-            notes["decode_gemv"] = settings.Kernels.DecodeGemvKernel && cuda ? $"kernel (≤ {DecodeGemv.MaxRows} rows)" : "libtorch";
+            notes["decode_attention"] = model.DecodeAttentionStatus;
+            notes["decode_gemv"] = model.Kernels.DecodeGemvKernel ? $"kernel (≤ {DecodeGemv.MaxRows} rows)" : "libtorch";
             log($"decode attention: {notes["decode_attention"]}");
             log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
@@ -245,23 +245,6 @@ public static class EngineBenchmark
             Notes = notes,
             Timestamp = DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", System.Globalization.CultureInfo.InvariantCulture),
         };
-    }
-
-    /// <summary><c>kernel</c> when decode attention runs as <see cref="DecodeAttention"/>, else how it runs and why.</summary>
-    private static string DecodeAttentionStatus(EngineBenchmarkSettings settings, LlamaConfig config, Device device)
-    {
-        if (!settings.Kernels.DecodeAttentionKernel)
-        {
-            return "kv copies + sdpa (kernel off)";
-        }
-        if (device.type != DeviceType.CUDA)
-        {
-            return "kv copies + sdpa (not CUDA)";
-        }
-        using var scope = NewDisposeScope();
-        var q = empty([1, config.NumAttentionHeads, config.HeadDim], dtype: settings.DType, device: device);
-        var k = empty([1, config.NumKeyValueHeads, config.HeadDim], dtype: settings.DType, device: device);
-        return DecodeAttention.Unsupported(q, k) is { } reason ? $"kv copies + sdpa ({reason})" : "kernel";
     }
 
     private static List<DecodeMeasurement> MeasureDecodeGrid(LlamaForCausalLM model, EngineBenchmarkSettings settings, Device device, bool cuda, long? budget, Action<string> log) =>

@@ -43,44 +43,51 @@ public static unsafe class DecodeAttention
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(kNew);
-        if (q.device_type != DeviceType.CUDA)
+        return Unsupported(q.dtype, q.device_type, q.shape[1], kNew.shape[1], q.shape[^1]);
+    }
+
+    /// <summary>
+    /// <see cref="Unsupported(Tensor, Tensor)"/> for a model's shapes: why its decode steps cannot use the kernel, or
+    /// null when they can. Fixed per model, so callers decide once.
+    /// </summary>
+    public static string? Unsupported(ScalarType dtype, DeviceType deviceType, long queryHeads, long kvHeads, long headDim)
+    {
+        if (deviceType != DeviceType.CUDA)
         {
             return "not a CUDA tensor";
         }
-        if (!CudaKernels.IsAvailable)
+        return CudaKernels.IsAvailable ? UnsupportedShape(dtype, queryHeads, kvHeads, headDim) : CudaKernels.UnavailableReason;
+    }
+
+    /// <summary>The dtype and shape part of <see cref="Unsupported(ScalarType, DeviceType, long, long, long)"/> (no device needed).</summary>
+    public static string? UnsupportedShape(ScalarType dtype, long queryHeads, long kvHeads, long headDim)
+    {
+        if (dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
         {
-            return CudaKernels.UnavailableReason;
+            return $"dtype {dtype}";
         }
-        if (q.dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32))
-        {
-            return $"dtype {q.dtype}";
-        }
-        var d = q.shape[^1];
-        var rowBytes = d * q.ElementSize;
+        var rowBytes = headDim * (dtype == ScalarType.Float32 ? 4 : 2);
         var lanes = rowBytes / 16;
         if (rowBytes % 16 != 0 || lanes < 1 || lanes > 32 || (lanes & (lanes - 1)) != 0)
         {
-            return $"head dimension {d} ({rowBytes} bytes per row)";
+            return $"head dimension {headDim} ({rowBytes} bytes per row)";
         }
-        var group = q.shape[1] / kNew.shape[1];
+        var group = kvHeads < 1 ? 0 : queryHeads / kvHeads;
         return group is < 1 or > MaxGroup ? $"{group} query heads per KV head" : null;
     }
 
     /// <summary>
     /// Compiles (or loads from the disk cache) the kernels a model with these shapes will launch, so that the first
-    /// decode step does not pay for it. A no-op where <see cref="Unsupported"/> names a reason.
+    /// decode step does not pay for it. A no-op where <see cref="Unsupported(ScalarType, DeviceType, long, long, long)"/> names a reason.
     /// </summary>
     public static void Prepare(ScalarType dtype, long queryHeads, long kvHeads, long headDim, Device device)
     {
         ArgumentNullException.ThrowIfNull(device);
-        using var scope = NewDisposeScope();
-        var q = empty([1, queryHeads, headDim], dtype: dtype, device: device);
-        var k = empty([1, kvHeads, headDim], dtype: dtype, device: device);
-        if (Unsupported(q, k) is not null)
+        if (Unsupported(dtype, device.type, queryHeads, kvHeads, headDim) is not null)
         {
             return;
         }
-        var defines = Defines(q.dtype, headDim, queryHeads / kvHeads);
+        var defines = Defines(dtype, headDim, queryHeads / kvHeads);
         var ordinal = (int)Math.Max(device.index, 0);
         _ = CudaKernels.Function(Source, "decode_attention", defines, ordinal);
         _ = CudaKernels.Function(Source, "combine_splits", defines, ordinal);
@@ -90,8 +97,7 @@ public static unsafe class DecodeAttention
     /// <exception cref="ArgumentException">Shapes, dtypes, devices, strides or alignment do not fit (the message says which).</exception>
     public static void Run(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
     {
-        var shape = Validate(q, kNew, vNew, keyCache, valueCache, length, output);
-        var (b, hq, hkv, d) = shape;
+        var (b, hq, hkv, d, pointers) = Validate(q, kNew, vNew, keyCache, valueCache, length, output);
         var device = (int)Math.Max(q.device_index, 0);
         var (keysPerSplit, splits) = Splits(length + 1, b, hkv, CudaKernels.MultiprocessorCount(device));
         var defines = Defines(q.dtype, d, hq / hkv);
@@ -106,8 +112,8 @@ public static unsafe class DecodeAttention
             partialStats = partialOut + (slots * d * sizeof(float));
         }
 
-        long qPointer = Pointer(q), kPointer = Pointer(kNew), vPointer = Pointer(vNew);
-        long keysPointer = Pointer(keyCache), valuesPointer = Pointer(valueCache), outPointer = Pointer(output);
+        long qPointer = pointers[0], kPointer = pointers[1], vPointer = pointers[2];
+        long keysPointer = pointers[3], valuesPointer = pointers[4], outPointer = pointers[5];
         long qBatch = q.stride(0), qHead = q.stride(1), kBatch = kNew.stride(0), kHead = kNew.stride(1), vBatch = vNew.stride(0), vHead = vNew.stride(1);
         long cacheBatch = keyCache.stride(0), cacheHead = keyCache.stride(1), outBatch = output.stride(0), outHead = output.stride(1);
         var scaleLog2 = (float)(1.0 / Math.Sqrt(d) * 1.4426950408889634);
@@ -181,7 +187,8 @@ public static unsafe class DecodeAttention
         return result.reshape(b, hq, d).MoveToOuterDisposeScope();
     }
 
-    private static (long B, long Hq, long Hkv, long D) Validate(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
+    /// <summary>Checks the operands; returns the shape and the data pointers of q, kNew, vNew, the caches and output, in that order.</summary>
+    private static (long B, long Hq, long Hkv, long D, long[] Pointers) Validate(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(kNew);
@@ -224,16 +231,20 @@ public static unsafe class DecodeAttention
         {
             throw new ArgumentException($"The caches must be contiguous in their last two dimensions and share strides; got [{string.Join(", ", keyCache.stride())}] and [{string.Join(", ", valueCache.stride())}].", nameof(keyCache));
         }
-        foreach (var (name, tensor) in new[] { ("q", q), ("kNew", kNew), ("vNew", vNew), ("keyCache", keyCache), ("valueCache", valueCache), ("output", output) })
+        var operands = new[] { ("q", q), ("kNew", kNew), ("vNew", vNew), ("keyCache", keyCache), ("valueCache", valueCache), ("output", output) };
+        var pointers = new long[operands.Length];
+        for (var i = 0; i < operands.Length; i++)
         {
+            var (name, tensor) = operands[i];
             var strides = tensor.stride();
             var element = tensor.ElementSize;
-            if (strides[^1] != 1 || strides.Take(strides.Length - 1).Any(s => s * element % 16 != 0) || Pointer(tensor) % 16 != 0)
+            pointers[i] = Pointer(tensor);
+            if (strides[^1] != 1 || strides.Take(strides.Length - 1).Any(s => s * element % 16 != 0) || pointers[i] % 16 != 0)
             {
                 throw new ArgumentException($"{name} must have a contiguous last dimension, 16-byte aligned rows and a 16-byte aligned start; strides [{string.Join(", ", strides)}].", name);
             }
         }
-        return (b, hq, hkv, d);
+        return (b, hq, hkv, d, pointers);
     }
 
     private static (string Name, string Value)[] Defines(ScalarType dtype, long headDim, long group) =>

@@ -46,10 +46,7 @@ public static class KernelChecks
                 {
                     foreach (var layout in new[] { "fused", "batch-rows" })
                     {
-                        using var scope = NewDisposeScope();
-                        var q = empty([1, kvHeads * group, headDim], dtype: dtype, device: device);
-                        var k = empty([1, kvHeads, headDim], dtype: dtype, device: device);
-                        if (DecodeAttention.Unsupported(q, k) is not null)
+                        if (DecodeAttention.Unsupported(dtype, device.type, kvHeads * group, kvHeads, headDim) is not null)
                         {
                             continue;   // e.g. fp32 rows of 256 × 4 bytes: more than one warp per key row
                         }

@@ -29,20 +29,23 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private readonly int _headDim;
     private readonly FusedLinear? _qkv;
     private readonly long _hidden;
-    private readonly bool _decodeKernel;
+    private readonly string? _decodeKernelUnavailable;
     private readonly bool _gemvKernel;
 
     public LlamaAttention(LlamaConfig config, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaAttention")
     {
         ArgumentNullException.ThrowIfNull(config);
         ArgumentNullException.ThrowIfNull(device);
-        kernels ??= LlamaKernelOptions.Default;
+        kernels = (kernels ?? LlamaKernelOptions.Default).On(device);
         var fuseProjections = kernels.FuseProjections;
-        _decodeKernel = kernels.DecodeAttentionKernel && device.type == TorchSharp.DeviceType.CUDA;
-        _gemvKernel = kernels.DecodeGemvKernel && device.type == TorchSharp.DeviceType.CUDA;
+        _gemvKernel = kernels.DecodeGemvKernel;
         _heads = config.NumAttentionHeads;
         _kvHeads = config.NumKeyValueHeads;
         _headDim = config.HeadDim;
+        // Whether the kernel serves this layer depends only on its dtype, device and shapes: decide once, not per step.
+        _decodeKernelUnavailable = kernels.DecodeAttentionKernel
+            ? DecodeAttention.Unsupported(dtype, device.type, _heads, _kvHeads, _headDim)
+            : device.type == TorchSharp.DeviceType.CUDA ? "kernel off" : "not a CUDA tensor";
         _hidden = config.HiddenSize;
         if (fuseProjections)
         {
@@ -58,6 +61,9 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
         _o = new Projection(_heads * _headDim, config.HiddenSize, config.AttentionBias, dtype, device);
         RegisterComponents();
     }
+
+    /// <summary>Why decode steps of this layer do not use <see cref="DecodeAttention"/>, or null when they do.</summary>
+    public string? DecodeKernelUnavailable => _decodeKernelUnavailable;
 
     /// <summary>Whether Q, K and V run as one product in this pass.</summary>
     public bool UsesFusedProjections => _qkv is not null && _qkv.IsIntact();
@@ -167,7 +173,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     {
         using var scope = NewDisposeScope();
         var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
-        if (t == 1 && context.Caches is not null && _decodeKernel && DecodeAttention.Unsupported(q, k) is null)
+        if (t == 1 && context.Caches is not null && _decodeKernelUnavailable is null)
         {
             var target = into ?? empty([b, 1, _heads * _headDim], dtype: q.dtype, device: q.device);
             DecodeStep(q, k, v, context, layer, target.view(b, _heads, _headDim));

@@ -22,10 +22,10 @@ public sealed class LlamaDecoderLayer : nn.Module
     public LlamaDecoderLayer(LlamaConfig config, int index, ScalarType dtype, Device device, LlamaKernelOptions? kernels = null) : base("LlamaDecoderLayer")
     {
         ArgumentNullException.ThrowIfNull(config);
-        kernels ??= LlamaKernelOptions.Default;
+        kernels = (kernels ?? LlamaKernelOptions.Default).On(device);
         Index = index;
         _attention = new LlamaAttention(config, dtype, device, kernels);
-        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel && device.type == TorchSharp.DeviceType.CUDA);
+        _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel);
         _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
         RegisterComponents();

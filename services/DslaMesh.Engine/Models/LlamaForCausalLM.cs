@@ -30,7 +30,7 @@ public sealed class LlamaForCausalLM : nn.Module
         Config = config;
         DType = dtype;
         Device = device;
-        Kernels = kernels ?? LlamaKernelOptions.Default;
+        Kernels = (kernels ?? LlamaKernelOptions.Default).On(device);
         _embedTokens = new Parameter(empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device), requires_grad: false);
         _layerArray = Enumerable.Range(0, config.NumHiddenLayers).Select(i => new LlamaDecoderLayer(config, i, dtype, device, Kernels)).ToArray();
         _layers = new ModuleList<LlamaDecoderLayer>(_layerArray);
@@ -45,7 +45,7 @@ public sealed class LlamaForCausalLM : nn.Module
     public ScalarType DType { get; }
     public Device Device { get; }
 
-    /// <summary>Weight layout and fused kernels this model was built with.</summary>
+    /// <summary>Weight layout and fused kernels this model was built with (CUDA-only switches off on other devices).</summary>
     public LlamaKernelOptions Kernels { get; }
 
     /// <summary>How decode steps run on this model, in words: <c>cuda graphs</c>, <c>off (…why)</c> or <c>segmented (no capture)</c>.</summary>
@@ -59,12 +59,15 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         // The decode attention kernel runs between graph segments, so capturing compiles everything but it: compile it
         // now too, rather than on the first request.
-        if (Kernels.DecodeAttentionKernel && Device.type == TorchSharp.DeviceType.CUDA)
+        if (Kernels.DecodeAttentionKernel)
         {
             Engine.Kernels.DecodeAttention.Prepare(DType, Config.NumAttentionHeads, Config.NumKeyValueHeads, Config.HeadDim, Device);
         }
         return _decodeGraphs.Prepare(maxRows);
     }
+
+    /// <summary>How decode attention runs on this model, in words: <c>kernel</c>, or <c>kv copies + sdpa (…why)</c>.</summary>
+    public string DecodeAttentionStatus => _layerArray[0].Attention.DecodeKernelUnavailable is { } reason ? $"kv copies + sdpa ({reason})" : "kernel";
 
     /// <summary>The decoder layers.</summary>
     public IReadOnlyList<LlamaDecoderLayer> Layers => _layerArray;
@@ -216,8 +219,7 @@ public sealed class LlamaForCausalLM : nn.Module
     {
         using var scope = NewDisposeScope();
         var normed = _norm.forward(hidden);
-        var gemv = Kernels.DecodeGemvKernel && Device.type == TorchSharp.DeviceType.CUDA;
-        var logits = DecodeProducts.Product(gemv, normed, _lmHead?.Weight ?? _embedTokens, _lmHead?.Bias)
+        var logits = DecodeProducts.Product(Kernels.DecodeGemvKernel, normed, _lmHead?.Weight ?? _embedTokens, _lmHead?.Bias)
             ?? (_lmHead is null ? nn.functional.linear(normed, _embedTokens) : _lmHead.forward(normed));
         return logits.MoveToOuterDisposeScope();
     }

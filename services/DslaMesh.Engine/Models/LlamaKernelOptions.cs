@@ -1,3 +1,5 @@
+using static TorchSharp.torch;
+
 namespace DslaMesh.Engine.Models;
 
 /// <summary>
@@ -34,6 +36,15 @@ public sealed record LlamaKernelOptions
 
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;
+
+    /// <summary>These options as a model on <paramref name="device"/> uses them: the CUDA-only decode kernels off elsewhere.</summary>
+    public LlamaKernelOptions On(Device device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel)
+            ? this
+            : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false };
+    }
 }
 
 /// <summary>How a decode step (one new token per row, every layer softmax attention) runs.</summary>

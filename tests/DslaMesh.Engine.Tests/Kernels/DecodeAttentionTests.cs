@@ -126,6 +126,32 @@ public sealed class DecodeAttentionTests
         Assert.False(LlamaKernelOptions.Plain.DecodeGemvKernel);
         var off = new TorchBackendOptions { DecodeKernels = false }.Kernels;
         Assert.False(off.DecodeAttentionKernel || off.DecodeGemvKernel);
+        var onCpu = LlamaKernelOptions.Default.On(CPU);
+        Assert.False(onCpu.DecodeAttentionKernel || onCpu.DecodeGemvKernel);   // CUDA-only switches off elsewhere
+        Assert.Equal(LlamaKernelOptions.Default with { DecodeAttentionKernel = false, DecodeGemvKernel = false }, onCpu);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.BFloat16, 32, 32, 128, null)]
+    [InlineData(ScalarType.Float32, 8, 2, 16, null)]
+    [InlineData(ScalarType.Float32, 4, 4, 256, "head dimension 256 (1024 bytes per row)")]
+    [InlineData(ScalarType.BFloat16, 4, 4, 100, "head dimension 100 (200 bytes per row)")]
+    [InlineData(ScalarType.BFloat16, 32, 2, 64, "16 query heads per KV head")]
+    [InlineData(ScalarType.Int32, 4, 4, 64, "dtype Int32")]
+    public void Model_shapes_the_kernel_cannot_serve_are_named(ScalarType dtype, long heads, long kvHeads, long headDim, string? expected)
+    {
+        Assert.Equal(expected, DecodeAttention.UnsupportedShape(dtype, heads, kvHeads, headDim));
+        // Off CUDA the device is the reason, whatever the shapes.
+        Assert.Equal("not a CUDA tensor", DecodeAttention.Unsupported(dtype, TorchSharp.DeviceType.CPU, heads, kvHeads, headDim));
+    }
+
+    [Fact]
+    public void A_CPU_model_reports_its_decode_attention_path()
+    {
+        TorchRuntime.EnsureCpu();
+        using var model = Dsla.TinyModels.Model(Dsla.TinyModels.Config());
+        Assert.Equal("kv copies + sdpa (not a CUDA tensor)", model.DecodeAttentionStatus);
+        Assert.False(model.Kernels.DecodeGemvKernel);
         Assert.Equal(DecodeGraphMode.Off, new TorchBackendOptions { CudaGraphs = false }.Kernels.DecodeGraphs);
     }
 }
