@@ -143,16 +143,22 @@ public static unsafe class AtenShim
         {
             return handle;
         }
+        var path = LoadedLibraryPath(soname);
+        return path is not null && NativeLibrary.TryLoad(path, out handle) ? handle : 0;
+    }
+
+    /// <summary>The path this process mapped a library with this file name from (<c>/proc/self/maps</c>), or null.</summary>
+    internal static string? LoadedLibraryPath(string soname)
+    {
         try
         {
-            var path = File.ReadLines("/proc/self/maps")
+            return File.ReadLines("/proc/self/maps")
                 .Select(l => l.IndexOf('/', StringComparison.Ordinal) is var i and >= 0 ? l[i..] : null)
                 .FirstOrDefault(p => p is not null && Path.GetFileName(p) == soname);
-            return path is not null && NativeLibrary.TryLoad(path, out handle) ? handle : 0;
         }
         catch (IOException)
         {
-            return 0;
+            return null;
         }
     }
 }

@@ -26,6 +26,7 @@ public static unsafe class CudaKernels
     private const int DeviceAttributeComputeCapabilityMajor = 75;
     private const int DeviceAttributeComputeCapabilityMinor = 76;
     private static readonly Lazy<Api?> Native = new(Load);
+    private static readonly ConcurrentDictionary<string, nint> Modules = new(StringComparer.Ordinal);
     private static readonly ConcurrentDictionary<string, nint> Functions = new(StringComparer.Ordinal);
     private static readonly ConcurrentDictionary<int, (int Major, int Minor, int Multiprocessors)> Devices = new();
     private static string? _unavailableReason;
@@ -50,13 +51,22 @@ public static unsafe class CudaKernels
     /// <summary>The NVRTC library loaded, for reports.</summary>
     public static string? NvrtcPath => Native.Value?.NvrtcPath;
 
+    /// <summary>The <c>SCALAR_KIND</c> define of <c>scalar.cuh</c> for a dtype the kernels take (fp32, bf16 or fp16).</summary>
+    public static string ScalarKind(TorchSharp.torch.ScalarType dtype) => dtype switch
+    {
+        TorchSharp.torch.ScalarType.Float32 => "0",
+        TorchSharp.torch.ScalarType.BFloat16 => "1",
+        TorchSharp.torch.ScalarType.Float16 => "2",
+        _ => throw new ArgumentException($"The CUDA kernels take fp32, bf16 or fp16, not {dtype}.", nameof(dtype)),
+    };
+
     /// <summary>Streaming multiprocessors of a device (to size grids).</summary>
     public static int MultiprocessorCount(int device) => DeviceInfo(device).Multiprocessors;
 
     /// <summary>
     /// The kernel <paramref name="name"/> of embedded source <paramref name="source"/> compiled with
     /// <paramref name="defines"/> for <paramref name="device"/>'s architecture (compiled, or read from the disk cache, on
-    /// first use). Returns a CUfunction handle.
+    /// first use). Returns a CUfunction handle; callers on hot paths keep it (building the lookup key costs strings).
     /// </summary>
     /// <exception cref="InvalidOperationException">CUDA is unavailable, or the source does not compile (NVRTC's log is in the message).</exception>
     public static nint Function(string source, string name, IReadOnlyList<(string Name, string Value)> defines, int device)
@@ -65,16 +75,21 @@ public static unsafe class CudaKernels
         var info = DeviceInfo(device);
         var options = new List<string> { $"--gpu-architecture=sm_{info.Major}{info.Minor}", "--std=c++17", "--use_fast_math" };
         options.AddRange(defines.Select(d => $"-D{d.Name}={d.Value}"));
-        var key = $"{source}|{name}|{string.Join(' ', options)}";
-        return Functions.GetOrAdd(key, _ =>
+        var moduleKey = $"{source}|{string.Join(' ', options)}|{device}";
+        return Functions.GetOrAdd($"{moduleKey}|{name}", _ =>
         {
-            api.MakeContextCurrent(device);
-            var image = Compile(api, source, options, $"sm{info.Major}{info.Minor}");
-            nint module;
-            fixed (byte* data = image)
+            // One compile and load per module, however many of its kernels are asked for.
+            var module = Modules.GetOrAdd(moduleKey, _ =>
             {
-                api.Check(api.ModuleLoadData(&module, data), "cuModuleLoadData");
-            }
+                api.MakeContextCurrent(device);
+                var image = Compile(api, source, options, $"sm{info.Major}{info.Minor}");
+                nint loaded;
+                fixed (byte* data = image)
+                {
+                    api.Check(api.ModuleLoadData(&loaded, data), "cuModuleLoadData");
+                }
+                return loaded;
+            });
             nint function;
             var utf8 = Encoding.UTF8.GetBytes(name + "\0");
             fixed (byte* symbol = utf8)
@@ -225,7 +240,7 @@ public static unsafe class CudaKernels
         {
             return explicitPath;
         }
-        var torchLib = LoadedLibraryFolder("libtorch_cuda.so");
+        var torchLib = Path.GetDirectoryName(AtenShim.LoadedLibraryPath("libtorch_cuda.so"));
         if (torchLib is null)
         {
             return null;
@@ -236,22 +251,6 @@ public static unsafe class CudaKernels
             .Where(path => !Path.GetFileName(path).Contains("builtins", StringComparison.Ordinal))
             .OrderByDescending(path => path, StringComparer.Ordinal)
             .FirstOrDefault();
-    }
-
-    private static string? LoadedLibraryFolder(string soname)
-    {
-        try
-        {
-            return File.ReadLines("/proc/self/maps")
-                .Select(l => l.IndexOf('/', StringComparison.Ordinal) is var i and >= 0 ? l[i..] : null)
-                .Where(p => p is not null && Path.GetFileName(p) == soname)
-                .Select(Path.GetDirectoryName)
-                .FirstOrDefault();
-        }
-        catch (IOException)
-        {
-            return null;
-        }
     }
 
     /// <summary>The driver and NVRTC entry points this class uses, resolved once.</summary>

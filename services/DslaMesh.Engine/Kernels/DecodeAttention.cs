@@ -31,6 +31,8 @@ public static unsafe class DecodeAttention
     private const int MaxKeysPerSplit = 512;
     private const long BlocksPerMultiprocessor = 2;
 
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(ScalarType DType, long HeadDim, long Group, int Device), (nint Attention, nint Combine)> Compiled = new();
+
     [ThreadStatic]
     private static Tensor? _workspace;
 
@@ -87,10 +89,7 @@ public static unsafe class DecodeAttention
         {
             return;
         }
-        var defines = Defines(dtype, headDim, queryHeads / kvHeads);
-        var ordinal = (int)Math.Max(device.index, 0);
-        _ = CudaKernels.Function(Source, "decode_attention", defines, ordinal);
-        _ = CudaKernels.Function(Source, "combine_splits", defines, ordinal);
+        _ = Kernels(dtype, headDim, queryHeads / kvHeads, (int)Math.Max(device.index, 0));
     }
 
     /// <summary>Appends kNew/vNew at <paramref name="length"/> and writes the attention of q over [0, length] into <paramref name="output"/>.</summary>
@@ -100,8 +99,7 @@ public static unsafe class DecodeAttention
         var (b, hq, hkv, d, pointers) = Validate(q, kNew, vNew, keyCache, valueCache, length, output);
         var device = (int)Math.Max(q.device_index, 0);
         var (keysPerSplit, splits) = Splits(length + 1, b, hkv, CudaKernels.MultiprocessorCount(device));
-        var defines = Defines(q.dtype, d, hq / hkv);
-        var attention = CudaKernels.Function(Source, "decode_attention", defines, device);
+        var (attention, combine) = Kernels(q.dtype, d, hq / hkv, device);
         var partialOut = 0L;
         var partialStats = 0L;
         if (splits > 1)
@@ -131,7 +129,6 @@ public static unsafe class DecodeAttention
         CudaKernels.Launch(attention, ((uint)splits, (uint)hkv, (uint)b), 128, device, arguments);
         if (splits > 1)
         {
-            var combine = CudaKernels.Function(Source, "combine_splits", defines, device);
             var splitCount = splits;
             var combineArguments = stackalloc void*[] { &partialOut, &partialStats, &splitCount, &outPointer, &outBatch, &outHead };
             CudaKernels.Launch(combine, ((uint)hq, (uint)b, 1), (uint)d, device, combineArguments);
@@ -247,12 +244,18 @@ public static unsafe class DecodeAttention
         return (b, hq, hkv, d, pointers);
     }
 
-    private static (string Name, string Value)[] Defines(ScalarType dtype, long headDim, long group) =>
-    [
-        ("HEAD_DIM", headDim.ToString(CultureInfo.InvariantCulture)),
-        ("GROUP", group.ToString(CultureInfo.InvariantCulture)),
-        ("SCALAR_KIND", dtype switch { ScalarType.Float32 => "0", ScalarType.BFloat16 => "1", _ => "2" }),
-    ];
+    /// <summary>The attention and merge kernels for a dtype, head size and GQA group on a device (compiled on first use).</summary>
+    private static (nint Attention, nint Combine) Kernels(ScalarType dtype, long headDim, long group, int device) =>
+        Compiled.GetOrAdd((dtype, headDim, group, device), key =>
+        {
+            var defines = new[]
+            {
+                ("HEAD_DIM", key.HeadDim.ToString(CultureInfo.InvariantCulture)),
+                ("GROUP", key.Group.ToString(CultureInfo.InvariantCulture)),
+                ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
+            };
+            return (CudaKernels.Function(Source, "decode_attention", defines, key.Device), CudaKernels.Function(Source, "combine_splits", defines, key.Device));
+        });
 
     private static long Pointer(Tensor tensor) =>
         AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");

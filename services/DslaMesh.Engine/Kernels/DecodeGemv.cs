@@ -36,6 +36,8 @@ public static unsafe class DecodeGemv
     private const string Source = "decode_gemv.cu";
     private const int OutputsPerBlock = 8 * 2;   // WARPS × OUTPUTS_PER_WARP in the source
 
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int Rows, GemvEpilogue Epilogue, ScalarType DType, int Device), nint> Compiled = new();
+
     /// <summary>Why the kernel cannot compute x·Wᵀ (null when it can).</summary>
     public static string? Unsupported(Tensor x, Tensor weight)
     {
@@ -90,13 +92,12 @@ public static unsafe class DecodeGemv
             throw new ArgumentException($"x's rows and W must start on 16-byte boundaries (x row stride {xStride}).", nameof(x));
         }
         var device = (int)Math.Max(x.device_index, 0);
-        var defines = new[]
-        {
-            ("ROWS", rows.ToString(CultureInfo.InvariantCulture)),
-            ("EPILOGUE", ((int)epilogue).ToString(CultureInfo.InvariantCulture)),
-            ("SCALAR_KIND", x.dtype switch { ScalarType.Float32 => "0", ScalarType.BFloat16 => "1", _ => "2" }),
-        };
-        var function = CudaKernels.Function(Source, "decode_gemv", defines, device);
+        var function = Compiled.GetOrAdd(((int)rows, epilogue, x.dtype, device), key => CudaKernels.Function(Source, "decode_gemv",
+            [
+                ("ROWS", key.Rows.ToString(CultureInfo.InvariantCulture)),
+                ("EPILOGUE", ((int)key.Epilogue).ToString(CultureInfo.InvariantCulture)),
+                ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
+            ], key.Device));
         int outputs = (int)n, inputs = (int)k;
         var arguments = stackalloc void*[] { &xPointer, &xStride, &weightPointer, &outputs, &inputs, &outputPointer, &yStride };
         CudaKernels.Launch(function, ((uint)((n + OutputsPerBlock - 1) / OutputsPerBlock), 1, 1), 256, device, arguments);
