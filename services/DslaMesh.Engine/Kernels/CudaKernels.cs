@@ -78,10 +78,10 @@ public static unsafe class CudaKernels
         var moduleKey = $"{source}|{string.Join(' ', options)}|{device}";
         return Functions.GetOrAdd($"{moduleKey}|{name}", _ =>
         {
+            api.MakeContextCurrent(device);
             // One compile and load per module, however many of its kernels are asked for.
             var module = Modules.GetOrAdd(moduleKey, _ =>
             {
-                api.MakeContextCurrent(device);
                 var image = Compile(api, source, options, $"sm{info.Major}{info.Minor}");
                 nint loaded;
                 fixed (byte* data = image)
