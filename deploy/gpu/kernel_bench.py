@@ -1,13 +1,16 @@
 """Kernel microbenchmark on a GPU host without .NET: the engine's CUDA kernels against what LibTorch would run instead.
 
     python3 deploy/gpu/kernel_bench.py            # from a DslaMesh checkout; writes kernel-bench.json to $OUT or .
+    SECTIONS=attention,sweep python3 deploy/gpu/kernel_bench.py    # pick sections (default: attention,gemv,norm)
 
 Compiles services/DslaMesh.Engine/Kernels/*.cu with the NVRTC that PyTorch ships (through ctypes, as the engine does
 through P/Invoke), launches them on PyTorch tensors and times GPU work only (each case captured in a CUDA graph and
 replayed), Llama-2-7B shapes in bf16:
-  - decode attention (KV append + attention, splits chosen as DecodeAttention.Splits does) against the engine's
-    LibTorch path (two cache copies, SDPA, a layout copy), batch 1/8/32 at 1k-16k and a GQA case;
-  - the decode GEMV kernel against cuBLAS (torch.matmul / addmm_ / linear + silu * mul) per projection and row count.
+  - decode attention (RoPE + KV append + attention, splits chosen as DecodeAttention.Splits does) against the engine's
+    LibTorch path (roll + two RoPE ops, two cache copies, SDPA, a layout copy), batch 1/8/32 at 1k-16k and a GQA case;
+  - the decode GEMV kernel against cuBLAS (torch.matmul / addmm_ / linear + silu * mul) per projection and row count;
+  - the RMS norm kernel against LibTorch's (F.rms_norm) at decode and prefill row counts;
+  - sweep: decode attention per keys-per-split and UNROLL, to choose DecodeAttention.Splits' bounds.
 Correctness of both kernels is checked by `dslactl kernels check` (deploy/gpu/verify-and-bench.sh runs it).
 """
 import ctypes, glob, json, math, os, subprocess, sys, time
@@ -15,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 OUT = os.environ.get("OUT", ".")
+SECTIONS = set(os.environ.get("SECTIONS", "attention,gemv,norm").split(","))
 report = {}
 def log(*a):
     print(*a, flush=True)
@@ -51,14 +55,14 @@ KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "
 SHARED = open(os.path.join(KERNELS, "scalar.cuh"), "rb").read() + b"\n"   # prefixed to every source, as CudaKernels does
 src = SHARED + open(os.path.join(KERNELS, "decode_attention.cu"), "rb").read()
 modules = {}
-def module(head_dim, group, kind):
-    key = (head_dim, group, kind)
+def module(head_dim, group, kind, unroll=None):
+    key = (head_dim, group, kind, unroll)
     if key in modules:
         return modules[key]
     prog = ctypes.c_void_p()
     check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"decode_attention.cu", 0, None, None))
     opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-O3" if False else b"--use_fast_math", b"-std=c++17",
-            f"-DHEAD_DIM={head_dim}".encode(), f"-DGROUP={group}".encode(), f"-DSCALAR_KIND={kind}".encode()]
+            f"-DHEAD_DIM={head_dim}".encode(), f"-DGROUP={group}".encode(), f"-DSCALAR_KIND={kind}".encode()] + ([f"-DUNROLL={unroll}".encode()] if unroll else [])
     arr = (ctypes.c_char_p * len(opts))(*opts)
     t0 = time.time()
     rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
@@ -70,11 +74,10 @@ def module(head_dim, group, kind):
     compile_s = time.time() - t0
     mod = ctypes.c_void_p()
     check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
-    f1 = ctypes.c_void_p(); f2 = ctypes.c_void_p()
+    f1 = ctypes.c_void_p()
     check_cu(cuda.cuModuleGetFunction(ctypes.byref(f1), mod, b"decode_attention"), "fn")
-    check_cu(cuda.cuModuleGetFunction(ctypes.byref(f2), mod, b"combine_splits"), "fn2")
-    modules[key] = (f1, f2, compile_s)
-    log(f"compiled HEAD_DIM={head_dim} GROUP={group} KIND={kind} in {compile_s:.2f}s, cubin {size.value} bytes")
+    modules[key] = (f1, compile_s)
+    log(f"compiled HEAD_DIM={head_dim} GROUP={group} KIND={kind} UNROLL={unroll} in {compile_s:.2f}s, cubin {size.value} bytes")
     return modules[key]
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -87,12 +90,14 @@ def choose_split(length, b, hkv):
     per = max(32, min(512, ((per + 31) // 32) * 32))
     return per, math.ceil(total / per)
 
-def launch(q, k_new, v_new, kc, vc, length, out, keys_per_split=None):
-    # q [B,Hq,d] view, k_new [B,Hkv,d], kc [B,Hkv,cap,d], out [B,Hq,d]
+ARRIVALS = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)   # zero between launches, as the engine keeps it
+
+def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, unroll=None):
+    # q [B,Hq,d] view (unrotated), k_new [B,Hkv,d], kc [B,Hkv,cap,d], out [B,Hq,d], cos/sin [B,d]
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     group = hq // hkv
-    f1, f2, _ = module(d, group, KIND[q.dtype])
+    f1, _ = module(d, group, KIND[q.dtype], unroll)
     if keys_per_split is None:
         keys_per_split, splits = choose_split(length, b, hkv)
     else:
@@ -105,15 +110,12 @@ def launch(q, k_new, v_new, kc, vc, length, out, keys_per_split=None):
             ptr(k_new.data_ptr()), ll(k_new.stride(0)), ll(k_new.stride(1)), ptr(v_new.data_ptr()), ll(v_new.stride(0)), ll(v_new.stride(1)),
             ptr(kc.data_ptr()), ptr(vc.data_ptr()), ll(kc.stride(0)), ll(kc.stride(1)),
             ctypes.c_int(length), ctypes.c_int(keys_per_split), ctypes.c_float(scale_log2),
-            ptr(ws_out.data_ptr()), ptr(ws_stats.data_ptr()),
+            ptr(cos.data_ptr()), ptr(sin.data_ptr()), ll(cos.stride(0)),
+            ptr(ws_out.data_ptr()), ptr(ws_stats.data_ptr()), ptr(ARRIVALS.data_ptr()),
             ptr(out.data_ptr()), ll(out.stride(0)), ll(out.stride(1))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
     stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
     check_cu(cuda.cuLaunchKernel(f1, splits, hkv, b, 128, 1, 1, 0, stream, params, None), "launch")
-    if splits > 1:
-        args2 = [ptr(ws_out.data_ptr()), ptr(ws_stats.data_ptr()), ctypes.c_int(splits), ptr(out.data_ptr()), ll(out.stride(0)), ll(out.stride(1))]
-        params2 = (ctypes.c_void_p * len(args2))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args2])
-        check_cu(cuda.cuLaunchKernel(f2, hq, b, 1, d, 1, 1, 0, stream, params2, None), "launch2")
     return splits
 
 # ---- our GEMV kernel vs cuBLAS
@@ -161,22 +163,32 @@ def graph_time(fn, iters=20):
     en.record(); torch.cuda.synchronize()
     return st.elapsed_time(en) / iters
 
+def attention_case(b, hkv, group, length):
+    d = 128; hq = hkv * group; dtype = torch.bfloat16; cap = length + 64
+    qkv = torch.randn(b, 1, hq + 2 * hkv, d, device="cuda", dtype=dtype)
+    q4 = qkv[:, :, :hq].transpose(1, 2); k4 = qkv[:, :, hq:hq + hkv].transpose(1, 2); v4 = qkv[:, :, hq + hkv:].transpose(1, 2)
+    kc = torch.randn(b, hkv, cap, d, device="cuda", dtype=dtype); vc = torch.randn_like(kc)
+    out = torch.empty(b, 1, hq * d, device="cuda", dtype=dtype)
+    cos = torch.randn(b, d, device="cuda", dtype=dtype); sin = torch.randn(b, d, device="cuda", dtype=dtype)
+    return d, hq, qkv, q4, k4, v4, kc, vc, out, cos, sin
+
 # attention per layer, 20 layers' worth of launches per graph, GPU time only
 att = []
-for (b, hkv, group) in [(1, 32, 1), (8, 32, 1), (32, 32, 1), (1, 8, 4)]:
+for (b, hkv, group) in [(1, 32, 1), (8, 32, 1), (32, 32, 1), (1, 8, 4)] if "attention" in SECTIONS else []:
     for length in (1024, 4096, 16384):
         if b == 32 and length > 4096: continue
-        d = 128; hq = hkv * group; dtype = torch.bfloat16; cap = length + 64
-        qkv = torch.randn(b, 1, hq + 2 * hkv, d, device="cuda", dtype=dtype)
-        q4 = qkv[:, :, :hq].transpose(1, 2); k4 = qkv[:, :, hq:hq + hkv].transpose(1, 2); v4 = qkv[:, :, hq + hkv:].transpose(1, 2)
-        kc = torch.randn(b, hkv, cap, d, device="cuda", dtype=dtype); vc = torch.randn_like(kc)
-        out = torch.empty(b, 1, hq * d, device="cuda", dtype=dtype)
+        d, hq, qkv, q4, k4, v4, kc, vc, out, cos, sin = attention_case(b, hkv, group, length)
+        cos4 = cos.view(b, 1, 1, d); sin_signed4 = torch.cat([-sin[:, :d // 2], sin[:, d // 2:]], -1).view(b, 1, 1, d)
         def ours():
-            for _ in range(20): launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, out.view(b, hq, d))
+            for _ in range(20): launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, out.view(b, hq, d), cos, sin)
         def sdpa():
             for _ in range(20):
-                kc[:, :, length:length + 1].copy_(k4); vc[:, :, length:length + 1].copy_(v4)
-                qg = q4.reshape(b, hkv, group, d) if group > 1 else q4
+                # the engine's LibTorch path: RoPE on q and k as three kernels, then the cache copies, SDPA, the layout copy
+                qk = qkv[:, :, :hq + hkv]
+                rotated = torch.addcmul(qk * cos4, qkv.roll(d // 2, -1)[:, :, :hq + hkv], sin_signed4)
+                q4r = rotated[:, :, :hq].transpose(1, 2); k4r = rotated[:, :, hq:].transpose(1, 2)
+                kc[:, :, length:length + 1].copy_(k4r); vc[:, :, length:length + 1].copy_(v4)
+                qg = q4r.reshape(b, hkv, group, d) if group > 1 else q4r
                 o = F.scaled_dot_product_attention(qg, kc[:, :, :length + 1], vc[:, :, :length + 1])
                 out.copy_(o.reshape(b, hq, 1, d).transpose(1, 2).reshape(b, 1, hq * d))
         t_o = graph_time(ours) / 20 * 1000; t_s = graph_time(sdpa) / 20 * 1000
@@ -187,10 +199,27 @@ for (b, hkv, group) in [(1, 32, 1), (8, 32, 1), (32, 32, 1), (1, 8, 4)]:
         del kc, vc
 report["attention"] = att
 
+# sweep: keys per split × UNROLL (the engine's rule clamps keys per split to [MinKeysPerSplit, MaxKeysPerSplit])
+sweep = []
+for (b, hkv, group, length) in [(1, 32, 1, 1024), (1, 32, 1, 4096), (1, 32, 1, 16384), (1, 8, 4, 4096), (1, 8, 4, 16384), (8, 32, 1, 4096), (4, 32, 1, 16384)] if "sweep" in SECTIONS else []:
+    d, hq, qkv, q4, k4, v4, kc, vc, out, cos, sin = attention_case(b, hkv, group, length)
+    rule = choose_split(length, b, hkv)
+    for unroll in (4, 8):
+        for per in (64, 128, 256, 512, 1024, 2048, 4096):
+            if per > 2 * (length + 1): continue
+            def ours():
+                for _ in range(20): launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, out.view(b, hq, d), cos, sin, keys_per_split=per, unroll=unroll)
+            t = graph_time(ours) / 20 * 1000
+            kv_bytes = 2 * b * hkv * (length + 1) * d * 2
+            sweep.append(dict(b=b, hkv=hkv, group=group, length=length, unroll=unroll, keys_per_split=per, splits=math.ceil((length + 1) / per), us=t, GBps=kv_bytes / t / 1e3, rule=rule))
+            log(f"sweep b={b} hkv={hkv} g={group} len={length} unroll={unroll} keys/split={per:5d} splits={math.ceil((length + 1) / per):4d}: {t:7.1f} us ({kv_bytes / t / 1e3:.0f} GB/s){'  <- rule' if per == rule[0] and unroll == 4 else ''}")
+    del kc, vc
+report["sweep"] = sweep
+
 # GEMV vs cuBLAS per shape and rows, in graphs (8 distinct weights per graph so L2 cannot hold them)
 shapes = {"qkv": (12288, 4096, 0), "o": (4096, 4096, 1), "gate_up": (22016, 4096, 2), "down": (4096, 11008, 1), "lm_head": (32000, 4096, 0)}
 gem = []
-for name, (o, i, epi) in shapes.items():
+for name, (o, i, epi) in shapes.items() if "gemv" in SECTIONS else []:
     ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(8)]
     for rows in (1, 2, 4, 8):
         x = torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
@@ -210,4 +239,38 @@ for name, (o, i, epi) in shapes.items():
         log(f"gemv {name:8s} rows={rows}: ours {t_o*1000:.1f} us ({by / t_o / 1e6:.0f} GB/s) | cublas {t_c*1000:.1f} us ({by / t_c / 1e6:.0f} GB/s)")
     del ws
 report["gemv"] = gem
+
+# RMS norm: ours (one block per row) against LibTorch's F.rms_norm, hidden 4096, bf16
+nsrc = SHARED + open(os.path.join(KERNELS, "rms_norm.cu"), "rb").read()
+def norm_fn(vecs, kind):
+    prog = ctypes.c_void_p()
+    check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), nsrc, b"rms_norm.cu", 0, None, None))
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17", f"-DVECS_PER_THREAD={vecs}".encode(), f"-DSCALAR_KIND={kind}".encode()]
+    arr = (ctypes.c_char_p * len(opts))(*opts)
+    check_nvrtc(nvrtc.nvrtcCompileProgram(prog, len(opts), arr), prog)
+    size = ctypes.c_size_t(); check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
+    cubin = ctypes.create_string_buffer(size.value); check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin))
+    mod = ctypes.c_void_p(); check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
+    f = ctypes.c_void_p(); check_cu(cuda.cuModuleGetFunction(ctypes.byref(f), mod, b"rms_norm"), "fn")
+    return f
+norms = []
+for rows in (1, 8, 32, 1024, 16384) if "norm" in SECTIONS else []:
+    dim = 4096
+    x = torch.randn(rows, dim, device="cuda", dtype=torch.bfloat16); w = torch.randn(dim, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    f = norm_fn(math.ceil(dim / 8 / 256), 1)
+    ll = ctypes.c_longlong; ptr = ctypes.c_void_p
+    args = [ptr(x.data_ptr()), ll(dim), ptr(w.data_ptr()), ctypes.c_int(dim), ctypes.c_float(1e-5), ptr(y.data_ptr()), ll(dim)]
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    def ours():
+        for _ in range(20): check_cu(cuda.cuLaunchKernel(f, rows, 1, 1, 256, 1, 1, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), params, None), "norm")
+    def libtorch():
+        for _ in range(20): F.rms_norm(x, (dim,), w, 1e-5)
+    ours(); torch.cuda.synchronize()
+    ref = (w * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)).float()
+    err = (y.float() - ref).abs().max().item()
+    t_o = graph_time(ours) / 20 * 1000; t_l = graph_time(libtorch) / 20 * 1000
+    norms.append(dict(rows=rows, ours_us=t_o, libtorch_us=t_l, max_abs_error=err))
+    log(f"rms_norm rows={rows:6d} D={dim}: ours {t_o:.1f} us | F.rms_norm {t_l:.1f} us | max |ours - HF| {err:.3g}")
+report["norm"] = norms
 json.dump(report, open(os.path.join(OUT, "kernel-bench.json"), "w"), indent=1)

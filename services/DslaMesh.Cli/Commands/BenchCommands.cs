@@ -43,17 +43,18 @@ public static class BenchCommands
         var comparePlain = new Option<bool>("--compare-plain") { Description = "Also time the plain path at the first prefill length and batch-1 context (before/after)." };
         var compareWithoutGraphs = new Option<bool>("--compare-without-graphs") { Description = "Also time every decode cell with CUDA graphs off (before/after)." };
         var decodeGraphs = new Option<DecodeGraphMode>("--decode-graphs") { Description = "How decode steps run: Auto (CUDA graphs on CUDA), Off, or Segmented (the graph segments, uncaptured).", DefaultValueFactory = _ => DecodeGraphMode.Auto };
-        var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA and LibTorch GEMMs instead of the engine's CUDA kernels." };
+        var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's CUDA kernels." };
         var noDecodeGemv = new Option<bool>("--no-decode-gemv") { Description = "Keep the decode attention kernel but run projections with LibTorch GEMMs." };
-        var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA and LibTorch GEMMs instead of the engine's decode kernels (before/after)." };
+        var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's kernels (before/after)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
+        var profileSteps = new Option<int>("--profile-steps") { Description = "Bracket the first N timed decode steps of each cell with cuProfilerStart/Stop, for `ncu --profile-from-start off` (CUDA)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
         var decodeFirst = new Option<bool>("--decode-first") { Description = "Measure decode before prefill." };
         var seed = new Option<long>("--seed") { Description = "Seed for weights and inputs.", DefaultValueFactory = _ => 1234 };
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, cudnnAttention, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, cudnnAttention, profileSteps, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -101,11 +102,12 @@ public static class BenchCommands
                 Warmup = Math.Max(0, result.GetValue(warmup)),
                 PrefillRepeats = Positive(result.GetValue(repeats), "--repeats"),
                 DecodeSteps = Positive(result.GetValue(steps), "--steps"),
+                ProfiledSteps = Math.Max(0, result.GetValue(profileSteps)),
                 CopyBytes = Math.Max(0, result.GetValue(copyMiB)) * 1024L * 1024,
                 Seed = result.GetValue(seed),
                 Kernels = result.GetValue(plainKernels)
                     ? LlamaKernelOptions.Plain
-                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) && !result.GetValue(noDecodeGemv) },
+                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) && !result.GetValue(noDecodeGemv), RmsNormKernel = !result.GetValue(noDecodeKernel) },
                 ComparePlain = result.GetValue(comparePlain),
                 CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 CompareWithoutDecodeKernel = result.GetValue(compareWithoutDecodeKernel),

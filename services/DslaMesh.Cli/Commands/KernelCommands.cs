@@ -35,7 +35,7 @@ public static class KernelCommands
             {
                 void Print(KernelCheck check) => Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
                     $"{(check.Passed ? "ok  " : "FAIL")} {check.Kernel,-16} {check.DType,-9} {check.Case,-52} max|Δ| {check.MaxAbsError:E2} (≤ {check.Tolerance:E1}){(check.CacheWritten ? "" : ", cache not written as expected")}"));
-                checks = [.. KernelChecks.DecodeAttentionCases(torchDevice, Print), .. KernelChecks.DecodeGemvCases(torchDevice, Print)];
+                checks = [.. KernelChecks.DecodeAttentionCases(torchDevice, Print), .. KernelChecks.DecodeGemvCases(torchDevice, Print), .. KernelChecks.RmsNormCases(torchDevice, Print)];
             }
             catch (InvalidOperationException error)
             {

@@ -45,9 +45,9 @@ public sealed class TorchBackendOptions
     public bool CudaGraphs { get; set; } = true;
 
     /// <summary>
-    /// Run decode steps' attention core and projections as the engine's runtime-compiled CUDA kernels on CUDA
-    /// (<see cref="Kernels.DecodeAttention"/>, <see cref="Kernels.DecodeGemv"/>); off uses KV copies, SDPA and LibTorch's
-    /// GEMMs. Default: on.
+    /// Run decode steps' attention core and projections, and RMS norms, as the engine's runtime-compiled CUDA kernels on
+    /// CUDA (<see cref="Kernels.DecodeAttention"/>, <see cref="Kernels.DecodeGemv"/>, <see cref="Kernels.RmsNormKernel"/>);
+    /// off uses KV copies, SDPA, LibTorch's GEMMs and its fused norm. Default: on.
     /// </summary>
     public bool DecodeKernels { get; set; } = true;
 
@@ -57,6 +57,7 @@ public sealed class TorchBackendOptions
         DecodeGraphs = CudaGraphs ? Models.DecodeGraphMode.Auto : Models.DecodeGraphMode.Off,
         DecodeAttentionKernel = DecodeKernels,
         DecodeGemvKernel = DecodeKernels,
+        RmsNormKernel = DecodeKernels,
     };
 
     /// <summary>Whether the device is a CUDA device.</summary>

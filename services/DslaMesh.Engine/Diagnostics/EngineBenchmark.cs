@@ -37,6 +37,12 @@ public sealed record EngineBenchmarkSettings
     /// <summary>Timed decode steps per (batch, context) (the median is reported).</summary>
     public int DecodeSteps { get; init; } = 16;
 
+    /// <summary>
+    /// Timed decode steps of each cell bracketed by cuProfilerStart/Stop (CUDA only), for Nsight Compute started with
+    /// <c>--profile-from-start off</c>: it then profiles those steps' kernels and nothing else. 0: none.
+    /// </summary>
+    public int ProfiledSteps { get; init; }
+
     /// <summary>Size of the buffer copied device-to-device to measure bandwidth.</summary>
     public long CopyBytes { get; init; } = 1L << 30;
 
@@ -61,7 +67,7 @@ public sealed record EngineBenchmarkSettings
     /// <summary>Also time every decode cell with decode graphs off (<see cref="DecodeGraphMode.Off"/>): before/after, same run.</summary>
     public bool CompareWithoutGraphs { get; init; }
 
-    /// <summary>Also time every decode cell with KV copies, SDPA and LibTorch GEMMs instead of the decode kernels: before/after, same run.</summary>
+    /// <summary>Also time every decode cell with KV copies, SDPA, LibTorch GEMMs and LibTorch's norm instead of the engine's kernels: before/after, same run.</summary>
     public bool CompareWithoutDecodeKernel { get; init; }
 }
 
@@ -209,8 +215,8 @@ public static class EngineBenchmark
         List<DecodeMeasurement>? withoutKernel = null;
         if (settings.CompareWithoutDecodeKernel && notes["decode_attention"] == "kernel")
         {
-            log("decode with KV copies, SDPA and LibTorch GEMMs instead of the decode kernels (before/after)");
-            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false, DecodeGemvKernel = false });
+            log("decode with KV copies, SDPA, LibTorch GEMMs and norms instead of the engine's kernels (before/after)");
+            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false });
             sdpa.InitializeRandom(settings.Seed);
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
             withoutKernel = MeasureDecodeGrid(sdpa, settings, device, cuda, budget, log);
@@ -456,6 +462,11 @@ public static class EngineBenchmark
                 for (var step = 0; step < settings.Warmup + settings.DecodeSteps; step++)
                 {
                     Sync(device, cuda);
+                    var profiled = cuda && step >= settings.Warmup && step < settings.Warmup + settings.ProfiledSteps;
+                    if (profiled)
+                    {
+                        CudaKernels.ProfilerRange(start: true, (int)Math.Max(device.index, 0));
+                    }
                     var watch = Stopwatch.StartNew();
                     Tensor next;
                     using (NewDisposeScope())
@@ -465,6 +476,10 @@ public static class EngineBenchmark
                     }
                     var issued = watch.Elapsed.TotalMilliseconds;
                     Sync(device, cuda);
+                    if (profiled)
+                    {
+                        CudaKernels.ProfilerRange(start: false, (int)Math.Max(device.index, 0));
+                    }
                     if (step >= settings.Warmup)
                     {
                         times.Add(watch.Elapsed.TotalMilliseconds);

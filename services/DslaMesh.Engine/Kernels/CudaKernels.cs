@@ -112,6 +112,25 @@ public static unsafe class CudaKernels
         api.Check(api.LaunchKernel(function, grid.X, grid.Y, grid.Z, threads, 1, 1, 0, stream, arguments, null), "cuLaunchKernel");
     }
 
+    /// <summary>The device address of a tensor's first element, for kernel arguments.</summary>
+    /// <exception cref="InvalidOperationException">LibTorch does not export the accessor.</exception>
+    public static long DataPointer(TorchSharp.torch.Tensor tensor) =>
+        Backends.AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");
+
+    /// <summary>A tensor's shape as [a, b, …], for error messages.</summary>
+    public static string Shape(TorchSharp.torch.Tensor tensor) => "[" + string.Join(", ", tensor.shape) + "]";
+
+    /// <summary>
+    /// Starts (true) or stops (false) collection by a CUDA profiler attached with collection off at start (Nsight
+    /// Compute's <c>--profile-from-start off</c>), so that it sees only the bracketed work; a no-op without a profiler.
+    /// </summary>
+    public static void ProfilerRange(bool start, int device)
+    {
+        var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
+        api.MakeContextCurrent(device);
+        api.Check(start ? api.ProfilerStart() : api.ProfilerStop(), start ? "cuProfilerStart" : "cuProfilerStop");
+    }
+
     private static (int Major, int Minor, int Multiprocessors) DeviceInfo(int device) => Devices.GetOrAdd(device, ordinal =>
     {
         var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
@@ -276,6 +295,8 @@ public static unsafe class CudaKernels
             ModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)Driver("cuModuleGetFunction");
             LaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)Driver("cuLaunchKernel");
             GetErrorString = (delegate* unmanaged<int, byte**, int>)Driver("cuGetErrorString");
+            ProfilerStart = (delegate* unmanaged<int>)Driver("cuProfilerStart");
+            ProfilerStop = (delegate* unmanaged<int>)Driver("cuProfilerStop");
             Version = (delegate* unmanaged<int*, int*, int>)Nvrtc("nvrtcVersion");
             CreateProgram = (delegate* unmanaged<nint*, byte*, byte*, int, byte**, byte**, int>)Nvrtc("nvrtcCreateProgram");
             CompileProgram = (delegate* unmanaged<nint, int, byte**, int>)Nvrtc("nvrtcCompileProgram");
@@ -297,6 +318,8 @@ public static unsafe class CudaKernels
         public delegate* unmanaged<nint*, nint, byte*, int> ModuleGetFunction { get; }
         public delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> LaunchKernel { get; }
         public delegate* unmanaged<int, byte**, int> GetErrorString { get; }
+        public delegate* unmanaged<int> ProfilerStart { get; }
+        public delegate* unmanaged<int> ProfilerStop { get; }
         public delegate* unmanaged<int*, int*, int> Version { get; }
         public delegate* unmanaged<nint*, byte*, byte*, int, byte**, byte**, int> CreateProgram { get; }
         public delegate* unmanaged<nint, int, byte**, int> CompileProgram { get; }

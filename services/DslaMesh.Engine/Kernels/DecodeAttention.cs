@@ -1,14 +1,14 @@
 using System.Globalization;
-using DslaMesh.Engine.Backends;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Kernels;
 
 /// <summary>
-/// Softmax attention of one new token per sequence over its KV cache, with the new key and value appended, as one or
-/// two kernel launches (<c>decode_attention.cu</c>): the decode step's attention core, which would otherwise take two
-/// cache copies, an SDPA call (FlashAttention's split and combine kernels) and a layout copy.
+/// Softmax attention of one new token per sequence over its KV cache, with RoPE applied to the new query and key and the
+/// new key and value appended, as one kernel launch (<c>decode_attention.cu</c>): the decode step's attention core,
+/// which would otherwise take three RoPE kernels, two cache copies, an SDPA call (FlashAttention's split and combine
+/// kernels) and a layout copy.
 /// </summary>
 /// <remarks>
 /// <para>
@@ -16,11 +16,15 @@ namespace DslaMesh.Engine.Kernels;
 /// last two dimensions contiguous (rows may be any stride apart: a <see cref="Inference.KvBatch"/>'s rows, or one
 /// sequence's own storage), output [B, Hq, d]; the innermost dimension contiguous everywhere. Query head h reads KV
 /// head h / (Hq / Hkv), as Hugging Face's <c>repeat_kv</c> does. Positions [0, length) of every row's cache are valid;
-/// the call writes the new key and value at position <c>length</c> and attends over [0, length].
+/// the call writes the new key and value at position <c>length</c> and attends over [0, length]. With RoPE tables cos and
+/// sin [B, d] (the new token's, Hugging Face's layout), q and kNew arrive unrotated and the kernel rotates both; the
+/// cache receives the rotated key.
 /// </para>
 /// <para>
 /// The keys are split across thread blocks (flash-decoding): enough splits to give every multiprocessor two blocks,
-/// 32–512 keys each; with more than one split a second kernel merges the partial softmax results. Arithmetic is fp32.
+/// 32–512 keys each; with more than one split, the last block of each (row, KV head) to finish merges the partial
+/// softmax results (counted in a small per-thread buffer of arrivals that the merging block zeroes again). Arithmetic
+/// is fp32.
 /// </para>
 /// </remarks>
 public static unsafe class DecodeAttention
@@ -31,10 +35,14 @@ public static unsafe class DecodeAttention
     private const int MaxKeysPerSplit = 512;
     private const long BlocksPerMultiprocessor = 2;
 
-    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(ScalarType DType, long HeadDim, long Group, int Device), (nint Attention, nint Combine)> Compiled = new();
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(ScalarType DType, long HeadDim, long Group, int Device), nint> Compiled = new();
 
     [ThreadStatic]
     private static Tensor? _workspace;
+
+    // Split arrivals per (row, KV head): zero between launches (each launch's merging blocks leave them zero).
+    [ThreadStatic]
+    private static Tensor? _arrivals;
 
     /// <summary>
     /// Why the kernel cannot serve these operands (null when it can): CUDA and NVRTC present, a 16-bit or fp32 dtype
@@ -89,25 +97,29 @@ public static unsafe class DecodeAttention
         {
             return;
         }
-        _ = Kernels(dtype, headDim, queryHeads / kvHeads, (int)Math.Max(device.index, 0));
+        _ = Kernel(dtype, headDim, queryHeads / kvHeads, (int)Math.Max(device.index, 0));
     }
 
-    /// <summary>Appends kNew/vNew at <paramref name="length"/> and writes the attention of q over [0, length] into <paramref name="output"/>.</summary>
+    /// <summary>
+    /// Appends kNew/vNew at <paramref name="length"/> and writes the attention of q over [0, length] into
+    /// <paramref name="output"/>; with <paramref name="cos"/> and <paramref name="sin"/> [B, d], rotates q and kNew first.
+    /// </summary>
     /// <exception cref="ArgumentException">Shapes, dtypes, devices, strides or alignment do not fit (the message says which).</exception>
-    public static void Run(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
+    public static void Run(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output, Tensor? cos = null, Tensor? sin = null)
     {
-        var (b, hq, hkv, d, pointers) = Validate(q, kNew, vNew, keyCache, valueCache, length, output);
+        var (b, hq, hkv, d, pointers) = Validate(q, kNew, vNew, keyCache, valueCache, length, output, cos, sin);
+        var (cosPointer, sinPointer) = cos is null ? (0L, 0L) : (CudaKernels.DataPointer(cos), CudaKernels.DataPointer(sin!));
+        var ropeBatch = cos?.stride(0) ?? 0L;
         var device = (int)Math.Max(q.device_index, 0);
         var (keysPerSplit, splits) = Splits(length + 1, b, hkv, CudaKernels.MultiprocessorCount(device));
-        var (attention, combine) = Kernels(q.dtype, d, hq / hkv, device);
-        var partialOut = 0L;
-        var partialStats = 0L;
+        var attention = Kernel(q.dtype, d, hq / hkv, device);
+        long partialOut = 0L, partialStats = 0L, arrivals = 0L;
         if (splits > 1)
         {
             var slots = b * hq * splits;
-            var workspace = Workspace(slots * (d + 2), q.device);
-            partialOut = Pointer(workspace);
+            partialOut = CudaKernels.DataPointer(Workspace(ref _workspace, slots * (d + 2), ScalarType.Float32, q.device));
             partialStats = partialOut + (slots * d * sizeof(float));
+            arrivals = CudaKernels.DataPointer(Workspace(ref _arrivals, b * hkv, ScalarType.Int32, q.device));
         }
 
         long qPointer = pointers[0], kPointer = pointers[1], vPointer = pointers[2];
@@ -123,22 +135,19 @@ public static unsafe class DecodeAttention
             &vPointer, &vBatch, &vHead,
             &keysPointer, &valuesPointer, &cacheBatch, &cacheHead,
             &length, &kv, &scaleLog2,
-            &partialOut, &partialStats,
+            &cosPointer, &sinPointer, &ropeBatch,
+            &partialOut, &partialStats, &arrivals,
             &outPointer, &outBatch, &outHead,
         };
         CudaKernels.Launch(attention, ((uint)splits, (uint)hkv, (uint)b), 128, device, arguments);
-        if (splits > 1)
-        {
-            var splitCount = splits;
-            var combineArguments = stackalloc void*[] { &partialOut, &partialStats, &splitCount, &outPointer, &outBatch, &outHead };
-            CudaKernels.Launch(combine, ((uint)hq, (uint)b, 1), (uint)d, device, combineArguments);
-        }
         GC.KeepAlive(q);
         GC.KeepAlive(kNew);
         GC.KeepAlive(vNew);
         GC.KeepAlive(keyCache);
         GC.KeepAlive(valueCache);
         GC.KeepAlive(output);
+        GC.KeepAlive(cos);
+        GC.KeepAlive(sin);
     }
 
     /// <summary>
@@ -161,10 +170,12 @@ public static unsafe class DecodeAttention
     }
 
     /// <summary>
-    /// The same result with plain tensor ops (any device): writes kNew/vNew into the caches at <paramref name="length"/>
-    /// and returns attention [B, Hq, d] over [0, length], computed and returned in fp32. What the kernel is checked against.
+    /// The same result with plain tensor ops (any device): rotates q and kNew when <paramref name="cos"/> and
+    /// <paramref name="sin"/> [B, d] are given (as the model's LibTorch path does), writes kNew/vNew into the caches at
+    /// <paramref name="length"/> and returns attention [B, Hq, d] over [0, length], computed and returned in fp32. What
+    /// the kernel is checked against.
     /// </summary>
-    public static Tensor Reference(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length)
+    public static Tensor Reference(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor? cos = null, Tensor? sin = null)
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(kNew);
@@ -174,6 +185,14 @@ public static unsafe class DecodeAttention
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var (b, hq, hkv, d) = (q.shape[0], q.shape[1], kNew.shape[1], q.shape[2]);
+        if (cos is not null && sin is not null)
+        {
+            // [B, 1, d] tables against [B, H, d]; sin with rotate_half's sign folded in, as the model's fused path rotates.
+            var (cosRows, sinRows) = (cos.unsqueeze(1), sin.unsqueeze(1));
+            var sinSigned = cat([-sinRows.narrow(-1, 0, d / 2), sinRows.narrow(-1, d / 2, d / 2)], -1);
+            q = Models.RotaryEmbedding.ApplyRolled(q, q.roll(d / 2, -1), cosRows, sinSigned);
+            kNew = Models.RotaryEmbedding.ApplyRolled(kNew, kNew.roll(d / 2, -1), cosRows, sinSigned);
+        }
         keyCache.narrow(2, length, 1).copy_(kNew.unsqueeze(2));
         valueCache.narrow(2, length, 1).copy_(vNew.unsqueeze(2));
         var keys = keyCache.narrow(2, 0, length + 1).to(ScalarType.Float32);
@@ -185,7 +204,7 @@ public static unsafe class DecodeAttention
     }
 
     /// <summary>Checks the operands; returns the shape and the data pointers of q, kNew, vNew, the caches and output, in that order.</summary>
-    private static (long B, long Hq, long Hkv, long D, long[] Pointers) Validate(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output)
+    private static (long B, long Hq, long Hkv, long D, long[] Pointers) Validate(Tensor q, Tensor kNew, Tensor vNew, Tensor keyCache, Tensor valueCache, int length, Tensor output, Tensor? cos, Tensor? sin)
     {
         ArgumentNullException.ThrowIfNull(q);
         ArgumentNullException.ThrowIfNull(kNew);
@@ -195,19 +214,20 @@ public static unsafe class DecodeAttention
         ArgumentNullException.ThrowIfNull(output);
         if (q.dim() != 3 || kNew.dim() != 3 || vNew.dim() != 3 || output.dim() != 3 || keyCache.dim() != 4 || valueCache.dim() != 4)
         {
-            throw new ArgumentException($"Decode attention takes q, kNew, vNew, output [B, H, d] and caches [B, Hkv, capacity, d]; got q {Shape(q)}, kNew {Shape(kNew)}, vNew {Shape(vNew)}, caches {Shape(keyCache)} {Shape(valueCache)}, output {Shape(output)}.");
+            throw new ArgumentException($"Decode attention takes q, kNew, vNew, output [B, H, d] and caches [B, Hkv, capacity, d]; got q {CudaKernels.Shape(q)}, kNew {CudaKernels.Shape(kNew)}, vNew {CudaKernels.Shape(vNew)}, caches {CudaKernels.Shape(keyCache)} {CudaKernels.Shape(valueCache)}, output {CudaKernels.Shape(output)}.");
         }
         var (b, hq, d) = (q.shape[0], q.shape[1], q.shape[2]);
         var hkv = kNew.shape[1];
         if (!kNew.shape.SequenceEqual(new[] { b, hkv, d }) || !vNew.shape.SequenceEqual(kNew.shape) || !output.shape.SequenceEqual(q.shape)
             || !keyCache.shape.SequenceEqual(valueCache.shape) || keyCache.shape[0] != b || keyCache.shape[1] != hkv || keyCache.shape[3] != d)
         {
-            throw new ArgumentException($"Inconsistent decode attention shapes: q {Shape(q)}, kNew {Shape(kNew)}, vNew {Shape(vNew)}, caches {Shape(keyCache)} {Shape(valueCache)}, output {Shape(output)}.");
+            throw new ArgumentException($"Inconsistent decode attention shapes: q {CudaKernels.Shape(q)}, kNew {CudaKernels.Shape(kNew)}, vNew {CudaKernels.Shape(vNew)}, caches {CudaKernels.Shape(keyCache)} {CudaKernels.Shape(valueCache)}, output {CudaKernels.Shape(output)}.");
         }
         if (hkv < 1 || hq % hkv != 0)
         {
             throw new ArgumentException($"Query heads ({hq}) must be a multiple of KV heads ({hkv}).", nameof(q));
         }
+        ValidateRope(cos, sin, q, b, d);
         ArgumentOutOfRangeException.ThrowIfNegative(length);
         if (length >= keyCache.shape[2])
         {
@@ -235,7 +255,7 @@ public static unsafe class DecodeAttention
             var (name, tensor) = operands[i];
             var strides = tensor.stride();
             var element = tensor.ElementSize;
-            pointers[i] = Pointer(tensor);
+            pointers[i] = CudaKernels.DataPointer(tensor);
             if (strides[^1] != 1 || strides.Take(strides.Length - 1).Any(s => s * element % 16 != 0) || pointers[i] % 16 != 0)
             {
                 throw new ArgumentException($"{name} must have a contiguous last dimension, 16-byte aligned rows and a 16-byte aligned start; strides [{string.Join(", ", strides)}].", name);
@@ -244,8 +264,37 @@ public static unsafe class DecodeAttention
         return (b, hq, hkv, d, pointers);
     }
 
-    /// <summary>The attention and merge kernels for a dtype, head size and GQA group on a device (compiled on first use).</summary>
-    private static (nint Attention, nint Combine) Kernels(ScalarType dtype, long headDim, long group, int device) =>
+    /// <summary>Checks the RoPE tables: both or neither; [B, d] in q's dtype and on its device, contiguous in d, one batch stride.</summary>
+    private static void ValidateRope(Tensor? cos, Tensor? sin, Tensor q, long b, long d)
+    {
+        if (cos is null && sin is null)
+        {
+            return;
+        }
+        if (cos is null || sin is null)
+        {
+            throw new ArgumentException("RoPE needs both cos and sin (or neither).", cos is null ? nameof(cos) : nameof(sin));
+        }
+        if (!cos.shape.SequenceEqual(new[] { b, d }) || !sin.shape.SequenceEqual(cos.shape))
+        {
+            throw new ArgumentException($"RoPE tables must be [B, d] = [{b}, {d}]; got cos {CudaKernels.Shape(cos)}, sin {CudaKernels.Shape(sin)}.", nameof(cos));
+        }
+        if (cos.dtype != q.dtype || sin.dtype != q.dtype || cos.device_type != q.device_type || cos.device_index != q.device_index || sin.device_index != q.device_index)
+        {
+            throw new ArgumentException($"RoPE tables are {cos.dtype}/{sin.dtype} on {cos.device}/{sin.device}; q is {q.dtype} on {q.device}.", nameof(cos));
+        }
+        if (cos.stride(1) != 1 || sin.stride(1) != 1 || cos.stride(0) != sin.stride(0))
+        {
+            throw new ArgumentException($"RoPE tables must be contiguous in d and share a batch stride; got [{string.Join(", ", cos.stride())}] and [{string.Join(", ", sin.stride())}].", nameof(cos));
+        }
+        if (d % 2 != 0)
+        {
+            throw new ArgumentException($"RoPE needs an even head dimension; got {d}.", nameof(cos));
+        }
+    }
+
+    /// <summary>The attention kernel for a dtype, head size and GQA group on a device (compiled on first use).</summary>
+    private static nint Kernel(ScalarType dtype, long headDim, long group, int device) =>
         Compiled.GetOrAdd((dtype, headDim, group, device), key =>
         {
             var defines = new[]
@@ -254,23 +303,19 @@ public static unsafe class DecodeAttention
                 ("GROUP", key.Group.ToString(CultureInfo.InvariantCulture)),
                 ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
             };
-            return (CudaKernels.Function(Source, "decode_attention", defines, key.Device), CudaKernels.Function(Source, "combine_splits", defines, key.Device));
+            return CudaKernels.Function(Source, "decode_attention", defines, key.Device);
         });
 
-    private static long Pointer(Tensor tensor) =>
-        AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");
-
-    private static Tensor Workspace(long floats, Device device)
+    /// <summary>A per-thread scratch buffer of at least <paramref name="elements"/> (zeroed when allocated), reused across launches.</summary>
+    private static Tensor Workspace(ref Tensor? cached, long elements, ScalarType dtype, Device device)
     {
-        var workspace = _workspace;
-        if (workspace is null || workspace.IsInvalid || workspace.NumberOfElements < floats || workspace.device_index != device.index)
+        var workspace = cached;
+        if (workspace is null || workspace.IsInvalid || workspace.NumberOfElements < elements || workspace.device_index != device.index)
         {
             workspace?.Dispose();
-            workspace = empty(Math.Max(floats, 1L << 20), dtype: ScalarType.Float32, device: device).DetachFromDisposeScope();
-            _workspace = workspace;
+            workspace = zeros(Math.Max(elements, 1L << (dtype == ScalarType.Float32 ? 20 : 12)), dtype: dtype, device: device).DetachFromDisposeScope();
+            cached = workspace;
         }
         return workspace;
     }
-
-    private static string Shape(Tensor x) => "[" + string.Join(", ", x.shape) + "]";
 }

@@ -1,5 +1,4 @@
 using System.Globalization;
-using DslaMesh.Engine.Backends;
 using static TorchSharp.torch;
 
 namespace DslaMesh.Engine.Kernels;
@@ -58,7 +57,7 @@ public static unsafe class DecodeGemv
         var k = weight.shape[^1];
         if (x.dim() < 1 || x.shape[^1] != k || weight.dim() != 2 || !weight.is_contiguous() || k * x.ElementSize % 16 != 0)
         {
-            return $"x {Shape(x)} and W {Shape(weight)}";
+            return $"x {CudaKernels.Shape(x)} and W {CudaKernels.Shape(weight)}";
         }
         var rows = x.NumberOfElements / k;
         return rows is < 1 or > MaxRows ? $"{rows} rows" : null;
@@ -82,11 +81,11 @@ public static unsafe class DecodeGemv
         if ((epilogue == GemvEpilogue.SiluGate && weight.shape[0] % 2 != 0) || output.NumberOfElements != rows * n || output.dtype != x.dtype
             || output.shape[^1] != n || output.stride(-1) != 1 || x.stride(-1) != 1)
         {
-            throw new ArgumentException($"GEMV shapes do not fit: x {Shape(x)}, W {Shape(weight)}, output {Shape(output)} ({epilogue}).", nameof(output));
+            throw new ArgumentException($"GEMV shapes do not fit: x {CudaKernels.Shape(x)}, W {CudaKernels.Shape(weight)}, output {CudaKernels.Shape(output)} ({epilogue}).", nameof(output));
         }
         long xStride = x.dim() > 1 ? x.stride(-2) : k;
         long yStride = output.dim() > 1 ? output.stride(-2) : n;
-        long xPointer = Pointer(x), weightPointer = Pointer(weight), outputPointer = Pointer(output);
+        long xPointer = CudaKernels.DataPointer(x), weightPointer = CudaKernels.DataPointer(weight), outputPointer = CudaKernels.DataPointer(output);
         if (xStride * x.ElementSize % 16 != 0 || xPointer % 16 != 0 || weightPointer % 16 != 0)
         {
             throw new ArgumentException($"x's rows and W must start on 16-byte boundaries (x row stride {xStride}).", nameof(x));
@@ -105,9 +104,4 @@ public static unsafe class DecodeGemv
         GC.KeepAlive(weight);
         GC.KeepAlive(output);
     }
-
-    private static long Pointer(Tensor tensor) =>
-        AtenShim.DataPointer(tensor) ?? throw new InvalidOperationException("LibTorch does not export aoti_torch_get_data_ptr; the CUDA kernels need it.");
-
-    private static string Shape(Tensor x) => "[" + string.Join(", ", x.shape) + "]";
 }

@@ -14,8 +14,8 @@ public sealed record KernelCheck(
     bool Passed);
 
 /// <summary>
-/// Checks the engine's CUDA kernels against their plain-tensor references across shapes, batch sizes, odd lengths,
-/// GQA groups, strided inputs and dtypes (the GPU test category: <c>dslactl kernels check</c> on a CUDA host).
+/// Checks the engine's CUDA kernels (decode attention, decode GEMV, RMS norm) against their plain-tensor references
+/// across shapes, batch sizes, odd lengths, GQA groups, strided inputs and dtypes (the GPU test category: <c>dslactl kernels check</c> on a CUDA host).
 /// </summary>
 public static class KernelChecks
 {
@@ -44,7 +44,7 @@ public static class KernelChecks
             {
                 foreach (var length in new[] { 0, 1, 31, 200, 1000, 4097 })
                 {
-                    foreach (var layout in new[] { "fused", "batch-rows" })
+                    foreach (var layout in new[] { "fused", "batch-rows", "fused rope", "batch-rows rope" })
                     {
                         if (DecodeAttention.Unsupported(dtype, device.type, kvHeads * group, kvHeads, headDim) is not null)
                         {
@@ -82,6 +82,52 @@ public static class KernelChecks
             }
         }
         return results;
+    }
+
+    /// <summary>Runs the RMS norm cases on <paramref name="device"/> (CUDA): 1–17 rows, widths from one vector to 8 per thread, strided rows.</summary>
+    public static IReadOnlyList<KernelCheck> RmsNormCases(Device device, Action<KernelCheck>? progress = null)
+    {
+        RequireCuda(device);
+        var results = new List<KernelCheck>();
+        var seed = 2000L;
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
+        {
+            foreach (var rows in new[] { 1, 3, 17 })
+            {
+                foreach (var size in new[] { 8, 200, 4096, 5120, 8200 })
+                {
+                    if (RmsNormKernel.UnsupportedShape(dtype, size) is not null)
+                    {
+                        continue;
+                    }
+                    foreach (var strided in new[] { false, true })
+                    {
+                        var check = RmsNormCase(dtype, rows, size, strided, device, seed++);
+                        results.Add(check);
+                        progress?.Invoke(check);
+                    }
+                }
+            }
+        }
+        return results;
+    }
+
+    private static KernelCheck RmsNormCase(ScalarType dtype, int rows, int size, bool strided, Device device, long seed)
+    {
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad();
+        var generator = new TorchSharp.torch.Generator((ulong)seed);
+        Tensor Random(long[] shape) => randn(shape, generator: generator).to(device);
+        // Strided: every other row of a larger buffer, as rows of a wider activation are.
+        var x = strided ? Random([rows, 2, size]).mul(3.0).to(dtype).select(1, 0) : Random([rows, size]).mul(3.0).to(dtype);
+        var weight = (Random([size]) * 0.5 + 1.0).to(dtype);
+        var expected = RmsNormKernel.Reference(x, weight, 1e-5).to(ScalarType.Float32);
+        var output = RmsNormKernel.Run(x, weight, 1e-5);
+        // Relative to max(1, |expected|): the reference rounds the same way, and only the order of the fp32 sum differs
+        // (so, rarely, one rounding of a value that may be well above 1).
+        var error = ((output.to(ScalarType.Float32) - expected).abs() / expected.abs().clamp_min(1.0)).max().item<float>();
+        var tolerance = Tolerance(dtype);
+        return new KernelCheck("rms_norm", $"rows={rows} D={size}{(strided ? " strided" : "")}", dtype.ToString().ToLowerInvariant(), error, tolerance, true, error <= tolerance);
     }
 
     private static KernelCheck DecodeGemvCase(ScalarType dtype, int rows, int n, int k, GemvEpilogue epilogue, Device device, long seed)
@@ -122,7 +168,8 @@ public static class KernelChecks
 
     /// <summary>
     /// One case: q, k, v as views of one fused projection [B, H + 2·Hkv, d] (the engine's layout), caches either each
-    /// case's own [B, Hkv, capacity, d] ("fused") or B rows in the middle of a larger batch ("batch-rows").
+    /// case's own [B, Hkv, capacity, d] ("fused") or B rows in the middle of a larger batch ("batch-rows"); with "rope",
+    /// q and k arrive unrotated with RoPE tables for the kernel to apply.
     /// </summary>
     private static KernelCheck DecodeAttentionCase(ScalarType dtype, int rows, int kvHeads, int group, int headDim, int length, string layout, Device device, long seed)
     {
@@ -144,14 +191,20 @@ public static class KernelChecks
         var values = valueStorage.narrow(0, first, rows);
         var referenceKeys = keys.clone();
         var referenceValues = values.clone();
+        // RoPE tables [B, d] as the model builds them: the same angles in both halves.
+        var angles = layout.EndsWith("rope", StringComparison.Ordinal) ? Random([rows, headDim / 2]).mul(3.0).repeat(1, 2) : null;
+        var (cos, sin) = angles is null ? (null, null) : (angles.cos().to(dtype), angles.sin().to(dtype));
 
-        var expected = DecodeAttention.Reference(q, kNew, vNew, referenceKeys, referenceValues, length);
+        var expected = DecodeAttention.Reference(q, kNew, vNew, referenceKeys, referenceValues, length, cos, sin);
         var output = empty([rows, 1, heads * headDim], dtype: dtype, device: device).view(rows, heads, headDim);
-        DecodeAttention.Run(q, kNew, vNew, keys, values, length, output);
+        DecodeAttention.Run(q, kNew, vNew, keys, values, length, output, cos, sin);
 
         var error = (output.to(ScalarType.Float32) - expected).abs().max().item<float>();
-        var written = keys.eq(referenceKeys).all().item<bool>() && values.eq(referenceValues).all().item<bool>();
         var tolerance = Tolerance(dtype);
+        // Without RoPE the cache must receive exactly kNew/vNew; with it, the rotated key up to rounding order.
+        var written = angles is null
+            ? keys.eq(referenceKeys).all().item<bool>() && values.eq(referenceValues).all().item<bool>()
+            : (keys.to(ScalarType.Float32) - referenceKeys.to(ScalarType.Float32)).abs().max().item<float>() <= tolerance && values.eq(referenceValues).all().item<bool>();
         var name = $"B={rows} Hkv={kvHeads} group={group} d={headDim} length={length} {layout}";
         return new KernelCheck("decode_attention", name, dtype.ToString().ToLowerInvariant(), error, tolerance, written, written && error <= tolerance);
     }

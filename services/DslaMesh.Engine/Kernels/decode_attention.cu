@@ -1,4 +1,4 @@
-// Decode attention with KV-cache append, split over the keys (flash-decoding), for one new token per sequence.
+// Decode attention with KV-cache append and RoPE, split over the keys (flash-decoding), for one new token per sequence.
 //
 // Compiled at run time by NVRTC (Kernels/CudaKernels.cs) once per (HEAD_DIM, GROUP, SCALAR_KIND) and GPU architecture;
 // scalar.cuh is prefixed at compile time; no CUDA headers are included.
@@ -7,14 +7,17 @@
 //   SCALAR_KIND  0 = fp32, 1 = bf16, 2 = fp16 (storage type; all arithmetic is fp32)
 //
 // Shapes (elements; the innermost dimension d is contiguous, other strides are arguments):
-//   q        [B, Hq, d]            the new token's queries after RoPE, Hq = Hkv·GROUP (query head h reads KV head h / GROUP)
-//   k_new    [B, Hkv, d]           the new token's key (after RoPE) and value
-//   k_cache  [B, Hkv, capacity, d] each row's cache; positions [0, length) are valid; the kernel writes k_new/v_new at
-//                                  position `length` and attends over [0, length] (the new token read from k_new/v_new)
+//   q        [B, Hq, d]            the new token's queries, Hq = Hkv·GROUP (query head h reads KV head h / GROUP)
+//   k_new    [B, Hkv, d]           the new token's key and value
+//   rope_cos [B, d], rope_sin      the new token's RoPE tables; when given (non-null), q and k_new arrive unrotated and
+//                                  the kernel rotates them in registers (see rotate); when null, they arrive rotated
+//   k_cache  [B, Hkv, capacity, d] each row's cache; positions [0, length) are valid; the kernel writes the (rotated)
+//                                  new key and v_new at position `length` and attends over [0, length]
 //   out      [B, Hq, d]            softmax(q·Kᵀ·scale)·V in the storage type
 // Grid (splits, Hkv, B) × 128 threads: block (s, kvh, b) reads keys [s·keys_per_split, …) of one KV head once for all
 // GROUP query heads of its group. With one split it writes `out`; otherwise it writes an unnormalised partial result
-// (max, sum, Σ p·v in fp32) that combine_splits merges.
+// (max, sum, Σ p·v in fp32), and the last of the (b, kvh) blocks to finish merges them all into `out`: one launch either
+// way. `arrivals` [B·Hkv] counts finished splits; it must be zero before a launch and the merging block zeroes it again.
 
 // scalar_t, VEC, unpack, to_float and from_float come from scalar.cuh.
 
@@ -23,10 +26,47 @@
 #define WARPS 4
 #define THREADS (WARPS * 32)
 #define STATES (WARPS * KEYS_PER_WARP)    // independent online-softmax states per block, merged at the end
+#ifndef UNROLL
 #define UNROLL 4                          // key rows each lane has in flight
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ uint4 load16(const scalar_t* p) { return *reinterpret_cast<const uint4*>(p); }
+
+__device__ __forceinline__ void store16(scalar_t* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// RoPE on this lane's slice x[VEC] (elements part·VEC …) of a head vector: x·cos + rotate_half(x)·sin, where
+// rotate_half(x)[i] = −x[i + d/2] in the first half and x[i − d/2] in the second. The partner element sits in the lane
+// LANES/2 away in the same key-row group (or, with one lane per row, in the other half of the lane's own slice). Every
+// lane of the warp must call it. Rounds to the storage type after x·cos and after the sum, as LibTorch's mul and
+// addcmul do, and returns the rounded values as fp32.
+__device__ __forceinline__ void rotate(float* x, const float* cos, const float* sin, int part)
+{
+    float partner[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; i++)
+    {
+#if LANES == 1
+        partner[i] = i < VEC / 2 ? -x[i + VEC / 2] : x[i - VEC / 2];
+#else
+        const float other = __shfl_xor_sync(0xffffffffu, x[i], LANES / 2);
+        partner[i] = part < LANES / 2 ? -other : other;
+#endif
+    }
+#pragma unroll
+    for (int i = 0; i < VEC; i++)
+    {
+        x[i] = to_float(from_float(fmaf(partner[i], sin[i], to_float(from_float(x[i] * cos[i])))));
+    }
+}
+
+// A load that skips the (incoherent) L1 cache: for partial results other blocks wrote during this launch.
+__device__ __forceinline__ float load_global_cg(const float* p)
+{
+    float f;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(f) : "l"(p));
+    return f;
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     const scalar_t* __restrict__ q, long long q_batch_stride, long long q_head_stride,
@@ -34,7 +74,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     const scalar_t* __restrict__ v_new, long long v_batch_stride, long long v_head_stride,
     scalar_t* __restrict__ k_cache, scalar_t* __restrict__ v_cache, long long cache_batch_stride, long long cache_head_stride,
     int length, int keys_per_split, float scale_log2,
-    float* __restrict__ partial_out, float* __restrict__ partial_stats,
+    const scalar_t* __restrict__ rope_cos, const scalar_t* __restrict__ rope_sin, long long rope_batch_stride,
+    float* __restrict__ partial_out, float* __restrict__ partial_stats, unsigned int* __restrict__ arrivals,
     scalar_t* __restrict__ out, long long out_batch_stride, long long out_head_stride)
 {
     const int split = blockIdx.x;
@@ -55,24 +96,48 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     scalar_t* keys = k_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
     scalar_t* values = v_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
 
-    // Append: the first split's block writes the new key/value at position `length`. Nobody reads that slot from the
-    // cache in this launch (the block that attends to it reads k_new/v_new), so there is no race.
-    if (split == 0)
+    // This lane's slice of the new key and value (every lane holds its own; the key rotated when RoPE tables are
+    // given, packed as the cache will hold it) and of the group's queries, pre-scaled so that exp2(s − m) is the
+    // softmax weight. All loads are issued before any is used.
+    float cos[VEC], sin[VEC], new_key_f[VEC];
+    const uint4 new_key_raw = load16(key_new + part * VEC);
+    const uint4 new_value = load16(value_new + part * VEC);
+    uint4 query_raw[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; g++)
     {
-        for (int i = threadIdx.x; i < HEAD_DIM; i += THREADS)
-        {
-            keys[(long long)length * HEAD_DIM + i] = key_new[i];
-            values[(long long)length * HEAD_DIM + i] = value_new[i];
-        }
+        query_raw[g] = load16(q + batch * q_batch_stride + (kv_head * GROUP + g) * q_head_stride + part * VEC);
+    }
+    const bool rope = rope_cos != nullptr;
+    if (rope)
+    {
+        unpack(load16(rope_cos + batch * rope_batch_stride + part * VEC), cos);
+        unpack(load16(rope_sin + batch * rope_batch_stride + part * VEC), sin);
+    }
+    unpack(new_key_raw, new_key_f);
+    if (rope)
+    {
+        rotate(new_key_f, cos, sin, part);
+    }
+    const uint4 new_key = rope ? pack(new_key_f) : new_key_raw;
+
+    // Append: the first split's block writes the new key/value at position `length`. Nobody reads that slot from the
+    // cache in this launch (the block that attends to it uses its lanes' copies), so there is no race.
+    if (split == 0 && warp == 0 && sub == 0)
+    {
+        store16(keys + (long long)length * HEAD_DIM + part * VEC, new_key);
+        store16(values + (long long)length * HEAD_DIM + part * VEC, new_value);
     }
 
-    // Queries of the group, this lane's slice, pre-scaled so that exp2(s − m) is the softmax weight.
     float query[GROUP][VEC];
 #pragma unroll
     for (int g = 0; g < GROUP; g++)
     {
-        const scalar_t* qp = q + batch * q_batch_stride + (kv_head * GROUP + g) * q_head_stride + part * VEC;
-        unpack(load16(qp), query[g]);
+        unpack(query_raw[g], query[g]);
+        if (rope)
+        {
+            rotate(query[g], cos, sin, part);
+        }
 #pragma unroll
         for (int i = 0; i < VEC; i++)
         {
@@ -102,12 +167,15 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
         for (int u = 0; u < UNROLL; u++)
         {
             const int j = base + u * stride + sub;
-            if (j < end)
+            if (j < end && j < length)
             {
-                const scalar_t* kp = j < length ? keys + (long long)j * HEAD_DIM : key_new;
-                const scalar_t* vp = j < length ? values + (long long)j * HEAD_DIM : value_new;
-                key_raw[u] = load16(kp + part * VEC);
-                value_raw[u] = load16(vp + part * VEC);
+                key_raw[u] = load16(keys + (long long)j * HEAD_DIM + part * VEC);
+                value_raw[u] = load16(values + (long long)j * HEAD_DIM + part * VEC);
+            }
+            else if (j < end)
+            {
+                key_raw[u] = new_key;   // j == length (end ≤ length + 1): the new token
+                value_raw[u] = new_value;
             }
             else
             {
@@ -208,28 +276,52 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
             }
         }
     }
-}
+    if (splits == 1)
+    {
+        return;
+    }
 
-// Merges the splits' partial results: grid (Hq, B) × HEAD_DIM threads.
-extern "C" __global__ void combine_splits(
-    const float* __restrict__ partial_out, const float* __restrict__ partial_stats, int splits,
-    scalar_t* __restrict__ out, long long out_batch_stride, long long out_head_stride)
-{
-    const int head = blockIdx.x;
-    const int batch = blockIdx.y;
-    const int d = threadIdx.x;
-    const long long first = ((long long)batch * gridDim.x + head) * splits;
-    float global_max = NEG_INF;
-    for (int s = 0; s < splits; s++)
+    // The last block of this (row, KV head) to finish merges every split's partial result (threadfence reduction:
+    // publish the partials, count the arrival, and only the block that sees the count complete reads them all).
+    __shared__ bool merges;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0)
     {
-        global_max = fmaxf(global_max, partial_stats[2 * (first + s)]);
+        unsigned int* counter = arrivals + batch * gridDim.y + kv_head;
+        merges = atomicAdd(counter, 1u) == (unsigned int)(splits - 1);
+        if (merges)
+        {
+            *counter = 0u;   // ready for the next launch (no other block of this launch touches it again)
+        }
     }
-    float sum = 0.f, value = 0.f;
-    for (int s = 0; s < splits; s++)
+    __syncthreads();
+    if (!merges)
     {
-        const float w = exp2f(partial_stats[2 * (first + s)] - global_max);
-        sum += partial_stats[2 * (first + s) + 1] * w;
-        value += partial_out[(first + s) * HEAD_DIM + d] * w;
+        return;
     }
-    out[batch * out_batch_stride + head * out_head_stride + d] = from_float(value / sum);
+    __threadfence();
+    for (int index = threadIdx.x; index < GROUP * HEAD_DIM; index += THREADS)
+    {
+        const int head = kv_head * GROUP + index / HEAD_DIM;
+        const int d = index % HEAD_DIM;
+        const long long first = ((long long)batch * query_heads + head) * splits;
+        // One pass with a running maximum: each split's three loads are independent of the running state, so they
+        // pipeline across iterations.
+        float global_max = NEG_INF, sum = 0.f, value = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < splits; s++)
+        {
+            const float split_max = load_global_cg(&partial_stats[2 * (first + s)]);
+            const float split_sum = load_global_cg(&partial_stats[2 * (first + s) + 1]);
+            const float split_acc = load_global_cg(&partial_out[(first + s) * HEAD_DIM + d]);
+            const float next_max = fmaxf(global_max, split_max);   // finite: every split holds at least one key
+            const float correction = exp2f(global_max - next_max);
+            const float weight = exp2f(split_max - next_max);
+            sum = sum * correction + split_sum * weight;
+            value = value * correction + split_acc * weight;
+            global_max = next_max;
+        }
+        out[batch * out_batch_stride + head * out_head_stride + d] = from_float(value / sum);
+    }
 }

@@ -1,6 +1,6 @@
-// Storage types shared by the engine's kernels: scalar_t, 16-byte vectors of it (VEC elements) unpacked to fp32, and
-// the conversions back. CudaKernels prefixes every kernel source with this file before NVRTC compiles it (no CUDA
-// headers are used, so NVRTC's built-ins suffice). SCALAR_KIND: 0 = fp32, 1 = bf16, 2 = fp16.
+// Storage types shared by the engine's kernels: scalar_t, 16-byte vectors of it (VEC elements) unpacked to fp32 and
+// packed back, and the scalar conversions. CudaKernels prefixes every kernel source with this file before NVRTC
+// compiles it (no CUDA headers are used, so NVRTC's built-ins suffice). SCALAR_KIND: 0 = fp32, 1 = bf16, 2 = fp16.
 
 #if SCALAR_KIND == 0
 typedef float scalar_t;
@@ -10,6 +10,10 @@ __device__ __forceinline__ scalar_t from_float(float f) { return f; }
 __device__ __forceinline__ void unpack(const uint4 raw, float* f)
 {
     f[0] = __uint_as_float(raw.x); f[1] = __uint_as_float(raw.y); f[2] = __uint_as_float(raw.z); f[3] = __uint_as_float(raw.w);
+}
+__device__ __forceinline__ uint4 pack(const float* f)
+{
+    return make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]), __float_as_uint(f[2]), __float_as_uint(f[3]));
 }
 #else
 typedef unsigned short scalar_t;
@@ -51,5 +55,15 @@ __device__ __forceinline__ void unpack(const uint4 raw, float* f)
         f[2 * i] = half_to_float(words[i] & 0xffffu);
         f[2 * i + 1] = half_to_float(words[i] >> 16);
     }
+}
+__device__ __forceinline__ uint4 pack(const float* f)
+{
+    unsigned int words[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+    {
+        words[i] = (unsigned int)from_float(f[2 * i]) | ((unsigned int)from_float(f[2 * i + 1]) << 16);
+    }
+    return make_uint4(words[0], words[1], words[2], words[3]);
 }
 #endif

@@ -262,7 +262,11 @@ internal sealed class DecodeGraphs : IDisposable
             if (segment < layers.Count)
             {
                 var layer = layers[segment];
-                var (q, k, v) = layer.Attention.ProjectFused(layer.InputNorm.forward(_hidden), _rows, 1, _cos, _sinSigned);
+                var normed = layer.InputNorm.forward(_hidden);
+                // The decode kernel rotates q and k itself (from the step's context); other paths rotate here.
+                var (q, k, v) = layer.Attention.DecodeRotatesInKernel
+                    ? layer.Attention.ProjectUnrotated(normed)
+                    : layer.Attention.ProjectFused(normed, _rows, 1, _cos, _sinSigned);
                 _projections[segment] = (q.DetachFromDisposeScope(), k.DetachFromDisposeScope(), v.DetachFromDisposeScope());
             }
             else

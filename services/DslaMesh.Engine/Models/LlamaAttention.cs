@@ -91,13 +91,45 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
             var (fq, fk, fv) = ProjectFused(x, b, t, context.CosTokenMajor, context.SinSignedTokenMajor!);
             return (fq.MoveToOuterDisposeScope(), fk.MoveToOuterDisposeScope(), fv.MoveToOuterDisposeScope());
         }
-        var q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
-        var k = _k.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
-        var v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var (q, k, v) = ProjectUnrotated(x);
         q = RotaryEmbedding.Apply(q, context.Cos, context.Sin);
         k = RotaryEmbedding.Apply(k, context.Cos, context.Sin);
         return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
     }
+
+    /// <summary>
+    /// q [B, H, T, hd], k and v [B, Hkv, T, hd] for x [B, T, D] before RoPE: what the decode kernel takes (it rotates q
+    /// and k itself). Views of one product when the projections are fused.
+    /// </summary>
+    internal (Tensor Q, Tensor K, Tensor V) ProjectUnrotated(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var (b, t) = (x.shape[0], x.shape[1]);
+        Tensor q, k, v;
+        if (UsesFusedProjections)
+        {
+            // [B, T, H + 2·Hkv, hd]
+            var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);   // cuBLAS: faster than the GEMV kernel on this shape
+            q = qkv.narrow(2, 0, _heads).transpose(1, 2);
+            k = qkv.narrow(2, _heads, _kvHeads).transpose(1, 2);
+            v = qkv.narrow(2, _heads + _kvHeads, _kvHeads).transpose(1, 2);
+        }
+        else
+        {
+            q = _q.forward(x).view(b, t, _heads, _headDim).transpose(1, 2);
+            k = _k.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+            v = _v.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        }
+        return (q.MoveToOuterDisposeScope(), k.MoveToOuterDisposeScope(), v.MoveToOuterDisposeScope());
+    }
+
+    /// <summary>
+    /// Whether decode steps (one token per row, with caches) run the attention core in <see cref="DecodeAttention"/>,
+    /// which applies RoPE itself: such steps project with <see cref="ProjectUnrotated"/>.
+    /// </summary>
+    internal bool DecodeRotatesInKernel => _decodeKernelUnavailable is null;
+
+    private bool DecodeKernelServes(ForwardContext context) => context.TokenCount == 1 && context.Caches is not null && DecodeRotatesInKernel;
 
     /// <summary>
     /// The fused projection (requires <see cref="UsesFusedProjections"/>): q [B, H, T, hd], k and v [B, Hkv, T, hd] for
@@ -107,7 +139,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     {
         using var scope = NewDisposeScope();
         // [B, T, H + 2·Hkv, hd]; roll the whole (contiguous) tensor once: rolling a view would copy it first.
-        var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);   // cuBLAS: faster than the GEMV kernel on this shape
+        var qkv = _qkv!.Forward(x).view(b, t, _heads + (2 * _kvHeads), _headDim);
         var rolled = qkv.roll(_headDim / 2, -1);
         var qkCount = _heads + _kvHeads;
         var rotated = RotaryEmbedding.ApplyRolled(qkv.narrow(2, 0, qkCount), rolled.narrow(2, 0, qkCount), cosTokenMajor, sinSignedTokenMajor);
@@ -160,20 +192,22 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     private Tensor Mix(Tensor x, ForwardContext context, int layer)
     {
         using var scope = NewDisposeScope();
-        var (q, k, v) = Project(x, context);
+        var (q, k, v) = DecodeKernelServes(context) ? ProjectUnrotated(x) : Project(x, context);
         return MixProjected(q, k, v, context, layer).MoveToOuterDisposeScope();
     }
 
     /// <summary>
     /// Attention of projected q [B, H, T, hd], k, v [B, Hkv, T, hd] over each row's cache (appending k and v to it):
-    /// [B, T, H·hd], before the output projection. <paramref name="into"/> [B, T, H·hd], when given, may receive the
-    /// result (the decode kernel writes there directly); the caller compares the returned tensor with it.
+    /// [B, T, H·hd], before the output projection. q and k come rotated, except in steps the decode kernel serves
+    /// (<see cref="DecodeRotatesInKernel"/>, one token per row with caches), where they come unrotated and the kernel
+    /// applies RoPE. <paramref name="into"/> [B, T, H·hd], when given, may receive the result (the decode kernel writes
+    /// there directly); the caller compares the returned tensor with it.
     /// </summary>
     internal Tensor MixProjected(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer, Tensor? into = null)
     {
         using var scope = NewDisposeScope();
         var (b, t) = ((long)context.StartPositions.Length, (long)context.TokenCount);
-        if (t == 1 && context.Caches is not null && _decodeKernelUnavailable is null)
+        if (DecodeKernelServes(context))
         {
             var target = into ?? empty([b, 1, _heads * _headDim], dtype: q.dtype, device: q.device);
             DecodeStep(q, k, v, context, layer, target.view(b, _heads, _headDim));
@@ -213,17 +247,19 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
     }
 
     /// <summary>
-    /// One decode step's attention core through <see cref="DecodeAttention"/>: q [B, H, 1, hd], k, v [B, Hkv, 1, hd] →
-    /// output [B, H, hd], appending k and v to each row's cache. Rows that share a <see cref="KvBatch"/> run as one launch,
-    /// other rows one launch each.
+    /// One decode step's attention core through <see cref="DecodeAttention"/>: unrotated q [B, H, 1, hd], k, v
+    /// [B, Hkv, 1, hd] → output [B, H, hd], rotating q and k by the context's tables and appending k and v to each row's
+    /// cache. Rows that share a <see cref="KvBatch"/> run as one launch, other rows one launch each.
     /// </summary>
     private void DecodeStep(Tensor q, Tensor k, Tensor v, ForwardContext context, int layer, Tensor output)
     {
         var caches = context.Caches!;
         var (q3, k3, v3) = (q.select(2, 0), k.select(2, 0), v.select(2, 0));
+        // [B, 1, 1, hd] → [B, hd]
+        var (cos, sin) = (context.Cos.reshape(caches.Count, _headDim), context.Sin.reshape(caches.Count, _headDim));
         if (KvBatch.TryRows(caches, layer, context, k, out var batchKeys, out var batchValues))
         {
-            DecodeAttention.Run(q3, k3, v3, batchKeys, batchValues, context.StartPositions[0], output);
+            DecodeAttention.Run(q3, k3, v3, batchKeys, batchValues, context.StartPositions[0], output, cos, sin);
             KvBatch.Advance(caches, layer, 1);
             return;
         }
@@ -239,7 +275,7 @@ public sealed class LlamaAttention : nn.Module, ITokenMixer
             var (keys, values) = state.Reserve(state.Length + 1);
             var single = caches.Count == 1;
             DecodeAttention.Run(single ? q3 : q3.narrow(0, row, 1), single ? k3 : k3.narrow(0, row, 1), single ? v3 : v3.narrow(0, row, 1),
-                keys, values, state.Length, single ? output : output.narrow(0, row, 1));
+                keys, values, state.Length, single ? output : output.narrow(0, row, 1), single ? cos : cos.narrow(0, row, 1), single ? sin : sin.narrow(0, row, 1));
             state.Advance(1);
         }
     }

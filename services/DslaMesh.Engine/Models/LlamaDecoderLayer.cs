@@ -26,8 +26,8 @@ public sealed class LlamaDecoderLayer : nn.Module
         Index = index;
         _attention = new LlamaAttention(config, dtype, device, kernels);
         _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel);
-        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
-        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm);
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel);
         RegisterComponents();
     }
 

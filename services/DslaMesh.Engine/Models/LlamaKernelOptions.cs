@@ -12,13 +12,19 @@ public sealed record LlamaKernelOptions
     public static LlamaKernelOptions Default { get; } = new();
 
     /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm, KV copies, SDPA and LibTorch GEMMs in decode.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false, DecodeGemvKernel = false };
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, RmsNormKernel = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false, DecodeGemvKernel = false };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
 
     /// <summary>Use LibTorch's fused RMS norm kernel when gradients are off.</summary>
     public bool FusedRmsNorm { get; init; } = true;
+
+    /// <summary>
+    /// On CUDA, run RMS norms (gradients off) as the engine's runtime-compiled kernel (<see cref="Kernels.RmsNormKernel"/>)
+    /// where it supports the width; elsewhere, or when off, <see cref="FusedRmsNorm"/> decides.
+    /// </summary>
+    public bool RmsNormKernel { get; init; } = true;
 
     /// <summary>
     /// On CUDA, run each decode step's attention core (KV append and attention over the cache) as the engine's own
@@ -37,13 +43,13 @@ public sealed record LlamaKernelOptions
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;
 
-    /// <summary>These options as a model on <paramref name="device"/> uses them: the CUDA-only decode kernels off elsewhere.</summary>
+    /// <summary>These options as a model on <paramref name="device"/> uses them: the CUDA-only kernels off elsewhere.</summary>
     public LlamaKernelOptions On(Device device)
     {
         ArgumentNullException.ThrowIfNull(device);
-        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel)
+        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel && !RmsNormKernel)
             ? this
-            : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false };
+            : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false };
     }
 }
 

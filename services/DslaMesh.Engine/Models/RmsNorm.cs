@@ -6,9 +6,10 @@ namespace DslaMesh.Engine.Models;
 
 /// <summary>Root-mean-square layer norm as Llama computes it: statistics in fp32, result cast back, then scaled.</summary>
 /// <remarks>
-/// With gradients off and <c>fused</c> set, runs LibTorch's fused kernel through <see cref="Backends.AtenShim"/>: one
-/// launch instead of eight. It computes in fp32 and rounds once where Hugging Face rounds twice (before and after the
-/// scale), so bf16 outputs can differ in the last bit; fp32 results agree to rounding.
+/// With gradients off: on CUDA with <c>kernel</c> set, the engine's own kernel (<see cref="Kernels.RmsNormKernel"/>: one
+/// short launch, Hugging Face's rounding); else with <c>fused</c> set, LibTorch's fused kernel through
+/// <see cref="Backends.AtenShim"/>: one launch instead of eight, computing in fp32 and rounding once where Hugging Face
+/// rounds twice (before and after the scale), so bf16 outputs can differ in the last bit; fp32 results agree to rounding.
 /// </remarks>
 public sealed class RmsNorm : nn.Module<Tensor, Tensor>
 {
@@ -16,11 +17,15 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     private readonly Parameter _weight;
     private readonly double _eps;
     private readonly bool _fused;
+    private readonly bool _kernel;
     private readonly long _size;
 
-    public RmsNorm(long size, double eps, ScalarType dtype, Device device, bool fused = true) : base("RMSNorm")
+    public RmsNorm(long size, double eps, ScalarType dtype, Device device, bool fused = true, bool kernel = false) : base("RMSNorm")
     {
+        ArgumentNullException.ThrowIfNull(device);
         _fused = fused;
+        // Decided once: the kernel serves this dtype, device and width or it does not.
+        _kernel = kernel && Kernels.RmsNormKernel.Unsupported(dtype, device.type, size) is null;
         _size = size;
         _weight = new Parameter(ones(size, dtype: dtype, device: device), requires_grad: false);
         _eps = eps;
@@ -34,6 +39,10 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         ArgumentNullException.ThrowIfNull(x);
+        if (_kernel && !is_grad_enabled() && x.is_contiguous())
+        {
+            return Kernels.RmsNormKernel.Run(x, _weight, _eps);
+        }
         if (_fused && !is_grad_enabled() && Backends.AtenShim.TryFusedRmsNorm(x, _weight, _eps, out var fused, _size))
         {
             return fused;

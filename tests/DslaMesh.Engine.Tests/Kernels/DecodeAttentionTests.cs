@@ -66,6 +66,40 @@ public sealed class DecodeAttentionTests
         Assert.Contains("hold 8 positions", full.Message, StringComparison.Ordinal);
         var groups = Assert.Throws<ArgumentException>(() => DecodeAttention.Run(zeros(2, 5, 16), k, k, zeros(2, 2, 8, 16), zeros(2, 2, 8, 16), 3, zeros(2, 5, 16)));
         Assert.Contains("multiple of KV heads", groups.Message, StringComparison.Ordinal);
+        var caches = (zeros(2, 2, 8, 16), zeros(2, 2, 8, 16));
+        var lonely = Assert.Throws<ArgumentException>(() => DecodeAttention.Run(q, k, k, caches.Item1, caches.Item2, 3, zeros(2, 4, 16), cos: zeros(2, 16)));
+        Assert.Equal("sin", lonely.ParamName);
+        var table = Assert.Throws<ArgumentException>(() => DecodeAttention.Run(q, k, k, caches.Item1, caches.Item2, 3, zeros(2, 4, 16), zeros(1, 16), zeros(1, 16)));
+        Assert.Contains("[B, d] = [2, 16]", table.Message, StringComparison.Ordinal);
+        var strided = Assert.Throws<ArgumentException>(() => DecodeAttention.Run(q, k, k, caches.Item1, caches.Item2, 3, zeros(2, 4, 16), zeros(16, 2).t(), zeros(16, 2).t()));
+        Assert.Contains("contiguous in d", strided.Message, StringComparison.Ordinal);
+    }
+
+    [Fact]
+    public void Reference_with_rope_tables_equals_attention_over_keys_rotated_as_Hugging_Face_does()
+    {
+        TorchRuntime.EnsureCpu();
+        using var scope = NewDisposeScope();
+        manual_seed(11);
+        var (b, hkv, group, d, length, capacity) = (2, 2, 2, 8, 4, 7);
+        var q = randn(b, hkv * group, d);
+        var kNew = randn(b, hkv, d);
+        var vNew = randn(b, hkv, d);
+        var angles = randn(b, d / 2).repeat(1, 2);   // [B, d]: one angle per pair, both halves
+        var (cos, sin) = (angles.cos(), angles.sin());
+        var keys = randn(b, hkv, capacity, d);
+        var values = randn(b, hkv, capacity, d);
+        var (plainKeys, plainValues) = (keys.clone(), values.clone());
+
+        var rotated = DecodeAttention.Reference(q, kNew, vNew, keys, values, length, cos, sin);
+
+        // Hugging Face: x·cos + rotate_half(x)·sin on [B, H, T, hd] with tables [B, 1, T, hd].
+        var (cos4, sin4) = (cos.view(b, 1, 1, d), sin.view(b, 1, 1, d));
+        var qRotated = RotaryEmbedding.Apply(q.unsqueeze(2), cos4, sin4).squeeze(2);
+        var kRotated = RotaryEmbedding.Apply(kNew.unsqueeze(2), cos4, sin4).squeeze(2);
+        var expected = DecodeAttention.Reference(qRotated, kRotated, vNew, plainKeys, plainValues, length);
+        Assert.True(rotated.allclose(expected, rtol: 1e-5, atol: 1e-5), "attention with the tables differs from attention over rotated q and k");
+        Assert.True(keys.allclose(plainKeys, rtol: 1e-6, atol: 1e-6), "the cache did not receive the rotated key");
     }
 
     [Fact]
@@ -104,7 +138,7 @@ public sealed class DecodeAttentionTests
     public void Kernel_sources_and_their_shared_header_are_embedded()
     {
         var names = typeof(CudaKernels).Assembly.GetManifestResourceNames();
-        foreach (var source in new[] { "decode_attention.cu", "decode_gemv.cu", "scalar.cuh" })
+        foreach (var source in new[] { "decode_attention.cu", "decode_gemv.cu", "rms_norm.cu", "scalar.cuh" })
         {
             Assert.Contains(names, n => n.EndsWith("." + source, StringComparison.Ordinal));
         }
@@ -128,7 +162,7 @@ public sealed class DecodeAttentionTests
         Assert.False(off.DecodeAttentionKernel || off.DecodeGemvKernel);
         var onCpu = LlamaKernelOptions.Default.On(CPU);
         Assert.False(onCpu.DecodeAttentionKernel || onCpu.DecodeGemvKernel);   // CUDA-only switches off elsewhere
-        Assert.Equal(LlamaKernelOptions.Default with { DecodeAttentionKernel = false, DecodeGemvKernel = false }, onCpu);
+        Assert.Equal(LlamaKernelOptions.Default with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false }, onCpu);
     }
 
     [Theory]
