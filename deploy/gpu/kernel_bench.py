@@ -121,12 +121,12 @@ def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, 
 # ---- our GEMV kernel vs cuBLAS
 gsrc = SHARED + open(os.path.join(KERNELS, "decode_gemv.cu"), "rb").read()
 gmods = {}
-def gemv_fn(rows, epi, kind):
-    key = (rows, epi, kind)
+def gemv_fn(rows, epi, kind, tuning=()):
+    key = (rows, epi, kind, tuning)
     if key in gmods: return gmods[key]
     prog = ctypes.c_void_p()
     check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), gsrc, b"decode_gemv.cu", 0, None, None))
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17", f"-DROWS={rows}".encode(), f"-DEPILOGUE={epi}".encode(), f"-DSCALAR_KIND={kind}".encode()]
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17", f"-DROWS={rows}".encode(), f"-DEPILOGUE={epi}".encode(), f"-DSCALAR_KIND={kind}".encode()] + [f"-D{k}={v}".encode() for k, v in tuning]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     check_nvrtc(nvrtc.nvrtcCompileProgram(prog, len(opts), arr), prog)
     size = ctypes.c_size_t(); check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
@@ -135,15 +135,15 @@ def gemv_fn(rows, epi, kind):
     f = ctypes.c_void_p(); check_cu(cuda.cuModuleGetFunction(ctypes.byref(f), mod, b"decode_gemv"), "fn")
     gmods[key] = f
     return f
-def gemv(x, w, y, epi):
+def gemv(x, w, y, epi, warps=8, outputs=2, unroll=4):
     rows, k = x.shape
     n = w.shape[0] // 2 if epi == 2 else w.shape[0]
-    f = gemv_fn(rows, epi, KIND[x.dtype])
+    f = gemv_fn(rows, epi, KIND[x.dtype], (("WARPS", warps), ("OUTPUTS_PER_WARP", outputs), ("UNROLL", unroll)))
     ll = ctypes.c_longlong; ptr = ctypes.c_void_p
     args = [ptr(x.data_ptr()), ll(x.stride(0)), ptr(w.data_ptr()), ctypes.c_int(n), ctypes.c_int(k), ptr(y.data_ptr()), ll(y.stride(0))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-    blocks = (n + 8 * 2 - 1) // (8 * 2)
-    check_cu(cuda.cuLaunchKernel(f, blocks, 1, 1, 256, 1, 1, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), params, None), "gemv")
+    blocks = (n + warps * outputs - 1) // (warps * outputs)
+    check_cu(cuda.cuLaunchKernel(f, blocks, 1, 1, 32 * warps, 1, 1, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), params, None), "gemv")
 
 
 def graph_time(fn, iters=20):
@@ -239,6 +239,25 @@ for name, (o, i, epi) in shapes.items() if "gemv" in SECTIONS else []:
         log(f"gemv {name:8s} rows={rows}: ours {t_o*1000:.1f} us ({by / t_o / 1e6:.0f} GB/s) | cublas {t_c*1000:.1f} us ({by / t_c / 1e6:.0f} GB/s)")
     del ws
 report["gemv"] = gem
+
+# GEMV tuning sweep at batch 1-2: warps per block × outputs per warp × loads in flight, per projection
+gsweep = []
+for name, (o, i, epi) in shapes.items() if "gemvsweep" in SECTIONS else []:
+    ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(8)]
+    for rows in (1, 2):
+        x = torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
+        n = o // 2 if epi == 2 else o
+        y = torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16)
+        for warps, outputs, unroll in [(8, 2, 4), (4, 2, 4), (8, 2, 8), (4, 4, 4), (8, 4, 4), (8, 1, 8), (16, 1, 4), (4, 2, 8)]:
+            if epi == 2 and outputs == 1: continue
+            def ours():
+                for w in ws: gemv(x, w, y, epi, warps, outputs, unroll)
+            t = graph_time(ours) / 8
+            by = o * i * 2
+            gsweep.append(dict(name=name, rows=rows, warps=warps, outputs=outputs, unroll=unroll, us=t * 1000, GBps=by / t / 1e6))
+            log(f"gemv sweep {name:8s} rows={rows} warps={warps:2d} outputs/warp={outputs} unroll={unroll}: {t*1000:6.1f} us ({by / t / 1e6:.0f} GB/s)")
+    del ws
+report["gemv_sweep"] = gsweep
 
 # RMS norm: ours (one block per row) against LibTorch's F.rms_norm, hidden 4096, bf16
 nsrc = SHARED + open(os.path.join(KERNELS, "rms_norm.cu"), "rb").read()

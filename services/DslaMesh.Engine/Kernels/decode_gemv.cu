@@ -12,10 +12,17 @@
 
 // scalar_t, VEC, unpack, to_float and from_float come from scalar.cuh.
 
+// Tuning (DecodeGemv.cs launches WARPS · OUTPUTS_PER_WARP outputs per block; deploy/gpu/kernel_bench.py sweeps them).
+#ifndef WARPS
 #define WARPS 8
-#define THREADS (WARPS * 32)
+#endif
+#ifndef OUTPUTS_PER_WARP
 #define OUTPUTS_PER_WARP 2                 // output columns n per warp (gate/up: pairs)
+#endif
+#ifndef UNROLL
 #define UNROLL 4                           // 16-byte loads of each W row in flight per lane
+#endif
+#define THREADS (WARPS * 32)
 #define WEIGHT_ROWS (EPILOGUE == 2 ? 2 * OUTPUTS_PER_WARP : OUTPUTS_PER_WARP)
 
 __device__ __forceinline__ uint4 load_streaming(const scalar_t* p)
