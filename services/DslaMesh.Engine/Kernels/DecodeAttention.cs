@@ -32,7 +32,7 @@ public static unsafe class DecodeAttention
     private const string Source = "decode_attention.cu";
     private const int MaxGroup = 8;
     private const int MinKeysPerSplit = 32;
-    private const int MaxKeysPerSplit = 512;
+    private const int MaxKeysPerSplit = 1024;
     private const long BlocksPerMultiprocessor = 2;
 
     private static readonly System.Collections.Concurrent.ConcurrentDictionary<(ScalarType DType, long HeadDim, long Group, int Device), nint> Compiled = new();
@@ -152,13 +152,14 @@ public static unsafe class DecodeAttention
 
     /// <summary>
     /// Keys per block and blocks per (row, KV head) for <paramref name="keys"/> keys: two blocks per multiprocessor where
-    /// the keys allow, each reading a multiple of 32 keys between 32 and 512.
+    /// the keys allow, each reading a multiple of 32 keys between 32 and 1024.
     /// </summary>
     /// <remarks>
-    /// Measured on an NVIDIA H200 (bf16, head size 128, 2026-12-02): aiming at 16 blocks per multiprocessor instead gained
-    /// nothing at batch 1 with 32 KV heads (82.8 vs 83.7 µs per layer at 16k, 9.7 vs 8.6 at 1k) and lost with GQA (8 KV
-    /// heads × 4: 74.2 vs 53.6 µs at 16k, 23.0 vs 16.8 at 4k), where the many short splits cost more to merge than
-    /// they add in parallelism.
+    /// Measured on an NVIDIA H200 (bf16, head size 128, 8 key rows in flight per lane; <c>deploy/gpu/kernel_bench.py</c>'s
+    /// sweep, 2026-12-02): the rule picks the fastest of 64–4096 keys per split, or within 2 %, at batch 1 with 32 KV
+    /// heads (1k: 128 keys, 8.2 µs; 4k: 512, 23.4 µs; 16k: 1024, 69.1 µs, where 512 took 71.5 and 2048 72.0), with GQA
+    /// (8 KV heads × 4, 4k: 128, 23.6 µs; 16k: 512, 54.3 µs) and at batch 4–8 (4k × 8: 1024, 128.7 µs; 16k × 4: 1024,
+    /// 244.5 µs against 242.7 at best). Shorter splits than the rule's cost more to merge than they add in parallelism.
     /// </remarks>
     public static (int KeysPerSplit, int Splits) Splits(long keys, long rows, long kvHeads, int multiprocessors)
     {

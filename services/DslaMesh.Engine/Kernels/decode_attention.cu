@@ -27,7 +27,7 @@
 #define THREADS (WARPS * 32)
 #define STATES (WARPS * KEYS_PER_WARP)    // independent online-softmax states per block, merged at the end
 #ifndef UNROLL
-#define UNROLL 4                          // key rows each lane has in flight
+#define UNROLL 8                          // key rows each lane has in flight (4 was 3-15 % slower on an H200)
 #endif
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -57,6 +57,28 @@ __device__ __forceinline__ void rotate(float* x, const float* cos, const float* 
     for (int i = 0; i < VEC; i++)
     {
         x[i] = to_float(from_float(fmaf(partner[i], sin[i], to_float(from_float(x[i] * cos[i])))));
+    }
+}
+
+// One step of a warp's cache reads: key and value rows base + u·stride + sub (u < UNROLL) of this lane's slice, zero
+// from `stop` on.
+__device__ __forceinline__ void load_rows(const scalar_t* keys, const scalar_t* values, int base, int stride, int sub, int part,
+                                          int stop, uint4* key_raw, uint4* value_raw)
+{
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++)
+    {
+        const int j = base + u * stride + sub;
+        if (j < stop)
+        {
+            key_raw[u] = load16(keys + (long long)j * HEAD_DIM + part * VEC);
+            value_raw[u] = load16(values + (long long)j * HEAD_DIM + part * VEC);
+        }
+        else
+        {
+            key_raw[u] = make_uint4(0u, 0u, 0u, 0u);
+            value_raw[u] = key_raw[u];
+        }
     }
 }
 
@@ -95,6 +117,16 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     const scalar_t* value_new = v_new + batch * v_batch_stride + kv_head * v_head_stride;
     scalar_t* keys = k_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
     scalar_t* values = v_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
+
+    // The first step's cache rows are older positions no kernel in flight writes: they are read before waiting for the
+    // previous kernel (the projection that produces q, k_new and v_new), overlapping its tail.
+    allow_next_kernel();
+    const int stride = WARPS * KEYS_PER_WARP;     // keys the block reads per step
+    const int first_base = begin + warp * KEYS_PER_WARP;
+    const int cached_end = min(end, length);      // positions read from the cache; `length` itself is the new token
+    uint4 key_raw[UNROLL], value_raw[UNROLL];
+    load_rows(keys, values, first_base, stride, sub, part, cached_end, key_raw, value_raw);
+    wait_for_previous_kernel();
 
     // This lane's slice of the new key and value (every lane holds its own; the key rotated when RoPE tables are
     // given, packed as the cache will hold it) and of the group's queries, pre-scaled so that exp2(s − m) is the
@@ -158,29 +190,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
         }
     }
 
-    const int stride = WARPS * KEYS_PER_WARP;     // keys the block reads per step
     // The loop bounds are uniform across a warp (the shuffles below need every lane); lanes past `end` mask out.
-    for (int base = begin + warp * KEYS_PER_WARP; base < end; base += stride * UNROLL)
+    for (int base = first_base; base < end; base += stride * UNROLL)
     {
-        uint4 key_raw[UNROLL], value_raw[UNROLL];
+        if (base != first_base)
+        {
+            load_rows(keys, values, base, stride, sub, part, cached_end, key_raw, value_raw);
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; u++)
         {
-            const int j = base + u * stride + sub;
-            if (j < end && j < length)
+            if (base + u * stride + sub == length && length < end)
             {
-                key_raw[u] = load16(keys + (long long)j * HEAD_DIM + part * VEC);
-                value_raw[u] = load16(values + (long long)j * HEAD_DIM + part * VEC);
-            }
-            else if (j < end)
-            {
-                key_raw[u] = new_key;   // j == length (end ≤ length + 1): the new token
+                key_raw[u] = new_key;   // the new token, from this lane's registers
                 value_raw[u] = new_value;
-            }
-            else
-            {
-                key_raw[u] = make_uint4(0u, 0u, 0u, 0u);
-                value_raw[u] = key_raw[u];
             }
         }
 #pragma unroll

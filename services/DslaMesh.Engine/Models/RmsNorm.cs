@@ -6,8 +6,8 @@ namespace DslaMesh.Engine.Models;
 
 /// <summary>Root-mean-square layer norm as Llama computes it: statistics in fp32, result cast back, then scaled.</summary>
 /// <remarks>
-/// With gradients off: on CUDA with <c>kernel</c> set, the engine's own kernel (<see cref="Kernels.RmsNormKernel"/>: one
-/// short launch, Hugging Face's rounding); else with <c>fused</c> set, LibTorch's fused kernel through
+/// With gradients off: on CUDA with <c>kernel</c> set, up to <see cref="Kernels.RmsNormKernel.MaxRows"/> rows (decode),
+/// the engine's own kernel (<see cref="Kernels.RmsNormKernel"/>: one short launch, Hugging Face's rounding); else with <c>fused</c> set, LibTorch's fused kernel through
 /// <see cref="Backends.AtenShim"/>: one launch instead of eight, computing in fp32 and rounding once where Hugging Face
 /// rounds twice (before and after the scale), so bf16 outputs can differ in the last bit; fp32 results agree to rounding.
 /// </remarks>
@@ -39,7 +39,7 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         ArgumentNullException.ThrowIfNull(x);
-        if (_kernel && !is_grad_enabled() && x.is_contiguous())
+        if (_kernel && !is_grad_enabled() && x.is_contiguous() && x.NumberOfElements <= Kernels.RmsNormKernel.MaxRows * _size)
         {
             return Kernels.RmsNormKernel.Run(x, _weight, _eps);
         }

@@ -18,11 +18,11 @@ public sealed class DecodeAttentionTests
     [InlineData(4097, 8, 32, 132)]
     [InlineData(70, 3, 2, 16)]
     [InlineData(100_000, 64, 8, 132)]
-    public void Splits_cover_every_key_once_in_blocks_of_32_to_512(long keys, long rows, long kvHeads, int multiprocessors)
+    public void Splits_cover_every_key_once_in_blocks_of_32_to_1024(long keys, long rows, long kvHeads, int multiprocessors)
     {
         var (perSplit, splits) = DecodeAttention.Splits(keys, rows, kvHeads, multiprocessors);
 
-        Assert.InRange(perSplit, 32, 512);
+        Assert.InRange(perSplit, 32, 1024);
         Assert.Equal(0, perSplit % 32);
         Assert.True((long)perSplit * splits >= keys, "the splits miss keys");
         Assert.True((long)perSplit * (splits - 1) < keys, "the last split is empty");
@@ -33,6 +33,16 @@ public sealed class DecodeAttentionTests
             Assert.True(blocks >= multiprocessors, $"{blocks} blocks for {multiprocessors} multiprocessors");
         }
     }
+
+    [Theory]   // the fastest split lengths of kernel_bench's sweep on an H200 (132 multiprocessors), 2026-12-02
+    [InlineData(1025, 1, 32, 128)]
+    [InlineData(4097, 1, 32, 512)]
+    [InlineData(16385, 1, 32, 1024)]
+    [InlineData(4097, 1, 8, 128)]
+    [InlineData(16385, 1, 8, 512)]
+    [InlineData(4097, 8, 32, 1024)]
+    public void Splits_pick_the_measured_best_on_an_H200(long keys, long rows, long kvHeads, int expectedKeysPerSplit) =>
+        Assert.Equal(expectedKeysPerSplit, DecodeAttention.Splits(keys, rows, kvHeads, 132).KeysPerSplit);
 
     [Fact]
     public void Splits_reject_an_empty_cache() =>
