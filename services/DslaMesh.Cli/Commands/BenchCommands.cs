@@ -46,7 +46,6 @@ public static class BenchCommands
         var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's CUDA kernels." };
         var noDecodeGemv = new Option<bool>("--no-decode-gemv") { Description = "Keep the decode attention kernel but run projections with LibTorch GEMMs." };
         var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's kernels (before/after)." };
-        var noDependentLaunch = new Option<bool>("--no-dependent-launch") { Description = "Launch the engine's kernels one after another instead of as programmatic dependent launches (compute capability 9.0+)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var profileSteps = new Option<int>("--profile-steps") { Description = "Bracket the first N timed decode steps of each cell with cuProfilerStart/Stop, for `ncu --profile-from-start off` (CUDA)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
@@ -55,7 +54,7 @@ public static class BenchCommands
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, noDependentLaunch, cudnnAttention, profileSteps, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, cudnnAttention, profileSteps, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -67,7 +66,6 @@ public static class BenchCommands
                 DType = result.GetValue(dtype),
                 LibTorchDirectory = result.GetValue(libTorch)?.FullName,
                 CudnnAttention = result.GetValue(cudnnAttention),
-                DependentLaunches = !result.GetValue(noDependentLaunch),
             };
             var problems = new List<System.ComponentModel.DataAnnotations.ValidationResult>();
             if (!System.ComponentModel.DataAnnotations.Validator.TryValidateObject(backend, new(backend), problems, validateAllProperties: true))

@@ -51,13 +51,6 @@ public sealed class TorchBackendOptions
     /// </summary>
     public bool DecodeKernels { get; set; } = true;
 
-    /// <summary>
-    /// Launch the engine's kernels as programmatic dependent launches on GPUs of compute capability 9.0 or later (each
-    /// starts streaming its weights while the previous kernel finishes; see <see cref="Kernels.CudaKernels.DependentLaunches"/>).
-    /// Default: on.
-    /// </summary>
-    public bool DependentLaunches { get; set; } = true;
-
     /// <summary>The model kernels these options ask for.</summary>
     public Models.LlamaKernelOptions Kernels => Models.LlamaKernelOptions.Default with
     {

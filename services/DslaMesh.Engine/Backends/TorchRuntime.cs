@@ -44,7 +44,6 @@ public static class TorchRuntime
                     throw new InvalidOperationException("CUDA LibTorch loaded but no CUDA device is visible (check the driver and CUDA_VISIBLE_DEVICES).");
                 }
                 AtenShim.SetCudnnAttention(options.CudnnAttention);
-                Kernels.CudaKernels.DependentLaunches = options.DependentLaunches;
             }
             else
             {

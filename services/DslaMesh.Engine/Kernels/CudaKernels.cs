@@ -31,14 +31,6 @@ public static unsafe class CudaKernels
     private static readonly ConcurrentDictionary<int, (int Major, int Minor, int Multiprocessors)> Devices = new();
     private static string? _unavailableReason;
 
-    /// <summary>
-    /// Whether launches on GPUs of compute capability 9.0 or later (Hopper on) are programmatic dependent launches: the
-    /// kernel may start while the previous kernel in the stream finishes, running what does not depend on it (streaming
-    /// weights, reading older KV-cache rows) until its <c>griddepcontrol.wait</c> (see <c>scalar.cuh</c>). Set from
-    /// <see cref="TorchBackendOptions.DependentLaunches"/> at start; off launches every kernel after the previous one.
-    /// </summary>
-    public static bool DependentLaunches { get; set; } = true;
-
     /// <summary>Whether NVRTC and the CUDA driver could be loaded (false on machines without CUDA).</summary>
     public static bool IsAvailable => Native.Value is not null;
 
@@ -117,42 +109,7 @@ public static unsafe class CudaKernels
         var api = Native.Value ?? throw new InvalidOperationException($"CUDA kernels are unavailable: {UnavailableReason}.");
         api.MakeContextCurrent(device);
         var stream = CudaStreams.Current(device);
-        if (DependentLaunches && api.LaunchKernelEx is not null && DeviceInfo(device).Major >= 9)
-        {
-            var attribute = new LaunchAttribute { Id = LaunchAttributeProgrammaticStreamSerialization, Value = 1 };
-            var config = new LaunchConfig
-            {
-                GridX = grid.X, GridY = grid.Y, GridZ = grid.Z,
-                BlockX = threads, BlockY = 1, BlockZ = 1,
-                Stream = stream, Attributes = &attribute, AttributeCount = 1,
-            };
-            api.Check(api.LaunchKernelEx(&config, function, arguments, null), "cuLaunchKernelEx");
-            return;
-        }
         api.Check(api.LaunchKernel(function, grid.X, grid.Y, grid.Z, threads, 1, 1, 0, stream, arguments, null), "cuLaunchKernel");
-    }
-
-    private const int LaunchAttributeProgrammaticStreamSerialization = 6;   // CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
-
-    /// <summary><c>CUlaunchConfig</c> (CUDA 12+).</summary>
-    [StructLayout(LayoutKind.Sequential)]
-    private struct LaunchConfig
-    {
-        public uint GridX, GridY, GridZ, BlockX, BlockY, BlockZ, SharedMemoryBytes;
-        public nint Stream;
-        public LaunchAttribute* Attributes;
-        public uint AttributeCount;
-    }
-
-    /// <summary><c>CUlaunchAttribute</c>: a 4-byte id, padding to 8, then a 64-byte value union (here its first int).</summary>
-    [StructLayout(LayoutKind.Explicit, Size = 72)]
-    private struct LaunchAttribute
-    {
-        [FieldOffset(0)]
-        public int Id;
-
-        [FieldOffset(8)]
-        public int Value;
     }
 
     /// <summary>The device address of a tensor's first element, for kernel arguments.</summary>
@@ -337,8 +294,6 @@ public static unsafe class CudaKernels
             ModuleLoadData = (delegate* unmanaged<nint*, void*, int>)Driver("cuModuleLoadData");
             ModuleGetFunction = (delegate* unmanaged<nint*, nint, byte*, int>)Driver("cuModuleGetFunction");
             LaunchKernel = (delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int>)Driver("cuLaunchKernel");
-            // CUDA 12+ drivers only: without it every launch is an ordinary one.
-            LaunchKernelEx = NativeLibrary.TryGetExport(driver, "cuLaunchKernelEx", out var launchEx) ? (delegate* unmanaged<LaunchConfig*, nint, void**, void**, int>)launchEx : null;
             GetErrorString = (delegate* unmanaged<int, byte**, int>)Driver("cuGetErrorString");
             ProfilerStart = (delegate* unmanaged<int>)Driver("cuProfilerStart");
             ProfilerStop = (delegate* unmanaged<int>)Driver("cuProfilerStop");
@@ -362,7 +317,6 @@ public static unsafe class CudaKernels
         public delegate* unmanaged<nint*, void*, int> ModuleLoadData { get; }
         public delegate* unmanaged<nint*, nint, byte*, int> ModuleGetFunction { get; }
         public delegate* unmanaged<nint, uint, uint, uint, uint, uint, uint, uint, nint, void**, void**, int> LaunchKernel { get; }
-        public delegate* unmanaged<LaunchConfig*, nint, void**, void**, int> LaunchKernelEx { get; }
         public delegate* unmanaged<int, byte**, int> GetErrorString { get; }
         public delegate* unmanaged<int> ProfilerStart { get; }
         public delegate* unmanaged<int> ProfilerStop { get; }

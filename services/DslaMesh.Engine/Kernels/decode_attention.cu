@@ -118,15 +118,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     scalar_t* keys = k_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
     scalar_t* values = v_cache + batch * cache_batch_stride + kv_head * cache_head_stride;
 
-    // The first step's cache rows are older positions no kernel in flight writes: they are read before waiting for the
-    // previous kernel (the projection that produces q, k_new and v_new), overlapping its tail.
-    allow_next_kernel();
+    // The first step's cache rows are requested before the new token's loads and RoPE below, so that the block's first
+    // round trip to memory overlaps that work.
     const int stride = WARPS * KEYS_PER_WARP;     // keys the block reads per step
     const int first_base = begin + warp * KEYS_PER_WARP;
     const int cached_end = min(end, length);      // positions read from the cache; `length` itself is the new token
     uint4 key_raw[UNROLL], value_raw[UNROLL];
     load_rows(keys, values, first_base, stride, sub, part, cached_end, key_raw, value_raw);
-    wait_for_previous_kernel();
 
     // This lane's slice of the new key and value (every lane holds its own; the key rotated when RoPE tables are
     // given, packed as the cache will hold it) and of the group's queries, pre-scaled so that exp2(s − m) is the

@@ -39,13 +39,12 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
     const scalar_t* __restrict__ weight, int n, int k,
     scalar_t* __restrict__ y, long long y_stride)
 {
-    allow_next_kernel();
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
     const int first = (blockIdx.x * WARPS + warp) * OUTPUTS_PER_WARP;
     if (first >= n)
     {
-        return;   // reads and writes nothing
+        return;
     }
     // Weight rows this warp reads: its outputs' rows, and for gate/up the matching up rows N further on.
     const scalar_t* rows[WEIGHT_ROWS];
@@ -71,32 +70,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
     }
 
     const int step = 32 * VEC;              // elements of K a warp covers per load
-    const int start = lane * VEC;
-    uint4 raw[UNROLL][WEIGHT_ROWS];
-    // The first loads of W are issued before waiting for the previous kernel (W is constant): they overlap its tail.
-#pragma unroll
-    for (int u = 0; u < UNROLL; u++)
+    for (int base = lane * VEC; base < k; base += step * UNROLL)
     {
+        uint4 raw[UNROLL][WEIGHT_ROWS];
 #pragma unroll
-        for (int r = 0; r < WEIGHT_ROWS; r++)
+        for (int u = 0; u < UNROLL; u++)
         {
-            raw[u][r] = start + u * step < k ? load_streaming(rows[r] + start + u * step) : make_uint4(0u, 0u, 0u, 0u);
-        }
-    }
-    wait_for_previous_kernel();   // x and, for the residual add, y come from earlier kernels
-    for (int base = start; base < k; base += step * UNROLL)
-    {
-        if (base != start)
-        {
+            const int offset = base + u * step;
 #pragma unroll
-            for (int u = 0; u < UNROLL; u++)
+            for (int r = 0; r < WEIGHT_ROWS; r++)
             {
-                const int offset = base + u * step;
-#pragma unroll
-                for (int r = 0; r < WEIGHT_ROWS; r++)
-                {
-                    raw[u][r] = offset < k ? load_streaming(rows[r] + offset) : make_uint4(0u, 0u, 0u, 0u);
-                }
+                raw[u][r] = offset < k ? load_streaming(rows[r] + offset) : make_uint4(0u, 0u, 0u, 0u);
             }
         }
 #pragma unroll

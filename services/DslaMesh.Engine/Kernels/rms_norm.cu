@@ -21,8 +21,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) rms_norm(
     const scalar_t* __restrict__ weight, int size, float eps,
     scalar_t* __restrict__ y, long long y_stride)
 {
-    allow_next_kernel();
-    wait_for_previous_kernel();   // x is the previous kernel's output
     const scalar_t* row = x + blockIdx.x * x_stride;
     scalar_t* out = y + blockIdx.x * y_stride;
     const int vectors = size / VEC;

@@ -1,5 +1,5 @@
-// What the engine's kernels share: the storage type scalar_t, 16-byte vectors of it (VEC elements) unpacked to fp32 and
-// packed back, the scalar conversions, and the programmatic-dependent-launch controls. CudaKernels prefixes every kernel source with this file before NVRTC
+// Storage types shared by the engine's kernels: scalar_t, 16-byte vectors of it (VEC elements) unpacked to fp32 and
+// packed back, and the scalar conversions. CudaKernels prefixes every kernel source with this file before NVRTC
 // compiles it (no CUDA headers are used, so NVRTC's built-ins suffice). SCALAR_KIND: 0 = fp32, 1 = bf16, 2 = fp16.
 
 #if SCALAR_KIND == 0
@@ -67,21 +67,3 @@ __device__ __forceinline__ uint4 pack(const float* f)
     return make_uint4(words[0], words[1], words[2], words[3]);
 }
 #endif
-
-// Programmatic dependent launch (compute capability 9.0+; CudaKernels.Launch sets the launch attribute, and both are
-// no-ops on older GPUs or in a kernel launched the ordinary way). allow_next_kernel lets the next kernel in the stream
-// start launching once every block of this one has called it or exited; wait_for_previous_kernel blocks until the
-// previous kernel has finished and its writes are visible. A kernel reads only data no kernel in flight writes (weights,
-// older KV-cache rows) before waiting, and writes nothing before waiting; every thread waits.
-__device__ __forceinline__ void allow_next_kernel()
-{
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void wait_for_previous_kernel()
-{
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
