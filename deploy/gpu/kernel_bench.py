@@ -87,7 +87,7 @@ def choose_split(length, b, hkv):
     total = length + 1
     target = 2 * SMS    # as DecodeAttention.Splits
     per = math.ceil(total * b * hkv / target)
-    per = max(32, min(512, ((per + 31) // 32) * 32))
+    per = max(32, min(1024, ((per + 31) // 32) * 32))
     return per, math.ceil(total / per)
 
 ARRIVALS = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)   # zero between launches, as the engine keeps it
