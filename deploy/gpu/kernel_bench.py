@@ -53,32 +53,31 @@ torch.zeros(1, device="cuda")  # init primary context
 major, minor = torch.cuda.get_device_capability()
 KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "services", "DslaMesh.Engine", "Kernels")
 SHARED = open(os.path.join(KERNELS, "scalar.cuh"), "rb").read() + b"\n"   # prefixed to every source, as CudaKernels does
-src = SHARED + open(os.path.join(KERNELS, "decode_attention.cu"), "rb").read()
-modules = {}
-def module(head_dim, group, kind, unroll=None):
-    key = (head_dim, group, kind, unroll)
-    if key in modules:
-        return modules[key]
+compiled = {}
+def kernel(source, name, defines):
+    """Compiles Kernels/<source> (scalar.cuh prefixed) with -D<defines> for this GPU and returns (function, compile s)."""
+    key = (source, name, tuple(defines))
+    if key in compiled:
+        return compiled[key]
+    text = SHARED + open(os.path.join(KERNELS, source), "rb").read()
     prog = ctypes.c_void_p()
-    check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), src, b"decode_attention.cu", 0, None, None))
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-O3" if False else b"--use_fast_math", b"-std=c++17",
-            f"-DHEAD_DIM={head_dim}".encode(), f"-DGROUP={group}".encode(), f"-DSCALAR_KIND={kind}".encode()] + ([f"-DUNROLL={unroll}".encode()] if unroll else [])
+    check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), text, source.encode(), 0, None, None))
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17"] + [f"-D{k}={v}".encode() for k, v in defines]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     t0 = time.time()
-    rc = nvrtc.nvrtcCompileProgram(prog, len(opts), arr)
-    check_nvrtc(rc, prog)
-    size = ctypes.c_size_t()
-    check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
-    cubin = ctypes.create_string_buffer(size.value)
-    check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin))
+    check_nvrtc(nvrtc.nvrtcCompileProgram(prog, len(opts), arr), prog)
+    size = ctypes.c_size_t(); check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
+    cubin = ctypes.create_string_buffer(size.value); check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin))
     compile_s = time.time() - t0
-    mod = ctypes.c_void_p()
-    check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
-    f1 = ctypes.c_void_p()
-    check_cu(cuda.cuModuleGetFunction(ctypes.byref(f1), mod, b"decode_attention"), "fn")
-    modules[key] = (f1, compile_s)
-    log(f"compiled HEAD_DIM={head_dim} GROUP={group} KIND={kind} UNROLL={unroll} in {compile_s:.2f}s, cubin {size.value} bytes")
-    return modules[key]
+    mod = ctypes.c_void_p(); check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
+    f = ctypes.c_void_p(); check_cu(cuda.cuModuleGetFunction(ctypes.byref(f), mod, name.encode()), "function")
+    compiled[key] = (f, compile_s)
+    log(f"compiled {source} {' '.join(f'{k}={v}' for k, v in defines)} in {compile_s:.2f}s, cubin {size.value} bytes")
+    return compiled[key]
+
+def module(head_dim, group, kind, unroll=None):
+    defines = [("HEAD_DIM", head_dim), ("GROUP", group), ("SCALAR_KIND", kind)] + ([("UNROLL", unroll)] if unroll else [])
+    return kernel("decode_attention.cu", "decode_attention", defines)
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SMS = torch.cuda.get_device_properties(0).multi_processor_count
@@ -119,22 +118,8 @@ def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, 
     return splits
 
 # ---- our GEMV kernel vs cuBLAS
-gsrc = SHARED + open(os.path.join(KERNELS, "decode_gemv.cu"), "rb").read()
-gmods = {}
 def gemv_fn(rows, epi, kind, tuning=()):
-    key = (rows, epi, kind, tuning)
-    if key in gmods: return gmods[key]
-    prog = ctypes.c_void_p()
-    check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), gsrc, b"decode_gemv.cu", 0, None, None))
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17", f"-DROWS={rows}".encode(), f"-DEPILOGUE={epi}".encode(), f"-DSCALAR_KIND={kind}".encode()] + [f"-D{k}={v}".encode() for k, v in tuning]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    check_nvrtc(nvrtc.nvrtcCompileProgram(prog, len(opts), arr), prog)
-    size = ctypes.c_size_t(); check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
-    cubin = ctypes.create_string_buffer(size.value); check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin))
-    mod = ctypes.c_void_p(); check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
-    f = ctypes.c_void_p(); check_cu(cuda.cuModuleGetFunction(ctypes.byref(f), mod, b"decode_gemv"), "fn")
-    gmods[key] = f
-    return f
+    return kernel("decode_gemv.cu", "decode_gemv", [("ROWS", rows), ("EPILOGUE", epi), ("SCALAR_KIND", kind)] + list(tuning))[0]
 def gemv(x, w, y, epi, warps=8, outputs=2, unroll=4):
     rows, k = x.shape
     n = w.shape[0] // 2 if epi == 2 else w.shape[0]
@@ -260,18 +245,8 @@ for name, (o, i, epi) in shapes.items() if "gemvsweep" in SECTIONS else []:
 report["gemv_sweep"] = gsweep
 
 # RMS norm: ours (one block per row) against LibTorch's F.rms_norm, hidden 4096, bf16
-nsrc = SHARED + open(os.path.join(KERNELS, "rms_norm.cu"), "rb").read()
 def norm_fn(vecs, kind):
-    prog = ctypes.c_void_p()
-    check_nvrtc(nvrtc.nvrtcCreateProgram(ctypes.byref(prog), nsrc, b"rms_norm.cu", 0, None, None))
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"--use_fast_math", b"-std=c++17", f"-DVECS_PER_THREAD={vecs}".encode(), f"-DSCALAR_KIND={kind}".encode()]
-    arr = (ctypes.c_char_p * len(opts))(*opts)
-    check_nvrtc(nvrtc.nvrtcCompileProgram(prog, len(opts), arr), prog)
-    size = ctypes.c_size_t(); check_nvrtc(nvrtc.nvrtcGetCUBINSize(prog, ctypes.byref(size)))
-    cubin = ctypes.create_string_buffer(size.value); check_nvrtc(nvrtc.nvrtcGetCUBIN(prog, cubin))
-    mod = ctypes.c_void_p(); check_cu(cuda.cuModuleLoadData(ctypes.byref(mod), cubin), "load")
-    f = ctypes.c_void_p(); check_cu(cuda.cuModuleGetFunction(ctypes.byref(f), mod, b"rms_norm"), "fn")
-    return f
+    return kernel("rms_norm.cu", "rms_norm", [("VECS_PER_THREAD", vecs), ("SCALAR_KIND", kind)])[0]
 norms = []
 for rows in (1, 8, 32, 1024, 16384) if "norm" in SECTIONS else []:
     dim = 4096
