@@ -125,9 +125,6 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     const int cached_end = min(end, length);      // positions read from the cache; `length` itself is the new token
     uint4 key_raw[UNROLL], value_raw[UNROLL];
     load_rows(keys, values, first_base, stride, sub, part, cached_end, key_raw, value_raw);
-    // Keep the compiler from sinking those loads below the ones that follow (an H200 measured the order: 70.5 µs per
-    // layer at 16k with the loads issued first, 75.4 without).
-    asm volatile("" ::: "memory");
 
     // This lane's slice of the new key and value (every lane holds its own; the key rotated when RoPE tables are
     // given, packed as the cache will hold it) and of the group's queries, pre-scaled so that exp2(s − m) is the
