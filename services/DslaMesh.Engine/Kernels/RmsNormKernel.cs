@@ -54,6 +54,19 @@ public static unsafe class RmsNormKernel
         return CudaKernels.IsAvailable ? UnsupportedShape(dtype, size) : CudaKernels.UnavailableReason;
     }
 
+    /// <summary>
+    /// Compiles (or loads from the disk cache) the kernel rows of <paramref name="size"/> in <paramref name="dtype"/>
+    /// need, so that the first request does not pay for it. A no-op where <see cref="Unsupported"/> names a reason.
+    /// </summary>
+    public static void Prepare(ScalarType dtype, long size, Device device)
+    {
+        ArgumentNullException.ThrowIfNull(device);
+        if (Unsupported(dtype, device.type, size) is null)
+        {
+            _ = Function(VectorsPerThread(size, dtype == ScalarType.Float32 ? 4 : 8), dtype, (int)Math.Max(device.index, 0));
+        }
+    }
+
     /// <summary>weight ⊙ normalise(x) over the last dimension, as a new tensor shaped like x.</summary>
     /// <exception cref="ArgumentException">Unsupported operands or a layout that does not fit (the message says which).</exception>
     public static Tensor Run(Tensor x, Tensor weight, double eps)
@@ -81,11 +94,7 @@ public static unsafe class RmsNormKernel
         long yStride = size, weightPointer = CudaKernels.DataPointer(weight), outputPointer = CudaKernels.DataPointer(output);
         var device = (int)Math.Max(x.device_index, 0);
         var vectorsPerThread = VectorsPerThread(size, 16 / (int)x.ElementSize);
-        var function = Compiled.GetOrAdd((vectorsPerThread, x.dtype, device), key => CudaKernels.Function(Source, "rms_norm",
-            [
-                ("VECS_PER_THREAD", key.VectorsPerThread.ToString(CultureInfo.InvariantCulture)),
-                ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
-            ], key.Device));
+        var function = Function(vectorsPerThread, x.dtype, device);
         var width = (int)size;
         var epsilon = (float)eps;
         if (rows > 0)
@@ -108,6 +117,13 @@ public static unsafe class RmsNormKernel
         var normed = x32 * (x32.pow(2).mean([-1], keepdim: true) + eps).rsqrt();
         return (weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
     }
+
+    private static nint Function(int vectorsPerThread, ScalarType dtype, int device) =>
+        Compiled.GetOrAdd((vectorsPerThread, dtype, device), key => CudaKernels.Function(Source, "rms_norm",
+            [
+                ("VECS_PER_THREAD", key.VectorsPerThread.ToString(CultureInfo.InvariantCulture)),
+                ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
+            ], key.Device));
 
     private static int VectorsPerThread(long size, int vector) => (int)((size / vector + Threads - 1) / Threads);
 }

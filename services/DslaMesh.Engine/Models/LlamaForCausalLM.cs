@@ -57,11 +57,15 @@ public sealed class LlamaForCausalLM : nn.Module
     /// </summary>
     public int PrepareDecodeGraphs(int maxRows)
     {
-        // The decode attention kernel runs between graph segments, so capturing compiles everything but it: compile it
-        // now too, rather than on the first request.
+        // The decode attention kernel runs between graph segments, so capturing compiles everything but it, and nothing
+        // where graphs are off: compile the engine's kernels now, rather than on the first request.
         if (Kernels.DecodeAttentionKernel)
         {
             Engine.Kernels.DecodeAttention.Prepare(DType, Config.NumAttentionHeads, Config.NumKeyValueHeads, Config.HeadDim, Device);
+        }
+        if (Kernels.RmsNormKernel)
+        {
+            Engine.Kernels.RmsNormKernel.Prepare(DType, Config.HiddenSize, Device);
         }
         return _decodeGraphs.Prepare(maxRows);
     }
