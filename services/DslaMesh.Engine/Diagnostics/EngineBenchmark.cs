@@ -177,6 +177,7 @@ public static class EngineBenchmark
             notes["decode_graphs"] = model.DecodeGraphStatus;
             notes["decode_attention"] = model.DecodeAttentionStatus;
             notes["decode_gemv"] = model.Kernels.DecodeGemvKernel ? $"kernel (≤ {DecodeGemv.MaxRows} rows)" : "libtorch";
+            notes["rms_norm"] = model.Layers[0].InputNorm.UsesKernel ? $"kernel (≤ {RmsNormKernel.MaxRows} rows), libtorch beyond" : "libtorch";
             log($"decode attention: {notes["decode_attention"]}");
             log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;

@@ -32,6 +32,9 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>Whether this norm runs the engine's kernel (up to <see cref="Kernels.RmsNormKernel.MaxRows"/> rows, gradients off).</summary>
+    public bool UsesKernel => _kernel;
+
     /// <summary>The scale vector [D].</summary>
     public Parameter Weight => _weight;
 

@@ -44,5 +44,7 @@ public sealed class RmsNormKernelTests
         Assert.False(LlamaKernelOptions.Default.On(CPU).RmsNormKernel);
         Assert.False(LlamaKernelOptions.Plain.RmsNormKernel);
         Assert.False(new TorchBackendOptions { DecodeKernels = false }.Kernels.RmsNormKernel);
+        using var asked = new RmsNorm(64, 1e-6, ScalarType.Float32, CPU, kernel: true);
+        Assert.False(asked.UsesKernel);   // asked for, but on the CPU
     }
 }
