@@ -37,6 +37,10 @@ public static unsafe class CudaKernels
     /// <summary>Why the kernels are unavailable, or null when they are available.</summary>
     public static string? UnavailableReason => Native.Value is null ? _unavailableReason : null;
 
+    /// <summary>Why no kernel can run on a device of this type (not CUDA, or no NVRTC/driver), or null when one can.</summary>
+    public static string? UnavailableOn(TorchSharp.DeviceType deviceType) =>
+        deviceType != TorchSharp.DeviceType.CUDA ? "not a CUDA tensor" : UnavailableReason;
+
     /// <summary>
     /// Where compiled modules are kept: <c>DSLAMESH_KERNEL_CACHE</c>, else <c>$XDG_CACHE_HOME/dslamesh/kernels</c>, else
     /// <c>~/.cache/dslamesh/kernels</c>.

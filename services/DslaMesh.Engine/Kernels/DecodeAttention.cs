@@ -60,14 +60,8 @@ public static unsafe class DecodeAttention
     /// <see cref="Unsupported(Tensor, Tensor)"/> for a model's shapes: why its decode steps cannot use the kernel, or
     /// null when they can. Fixed per model, so callers decide once.
     /// </summary>
-    public static string? Unsupported(ScalarType dtype, DeviceType deviceType, long queryHeads, long kvHeads, long headDim)
-    {
-        if (deviceType != DeviceType.CUDA)
-        {
-            return "not a CUDA tensor";
-        }
-        return CudaKernels.IsAvailable ? UnsupportedShape(dtype, queryHeads, kvHeads, headDim) : CudaKernels.UnavailableReason;
-    }
+    public static string? Unsupported(ScalarType dtype, DeviceType deviceType, long queryHeads, long kvHeads, long headDim) =>
+        CudaKernels.UnavailableOn(deviceType) ?? UnsupportedShape(dtype, queryHeads, kvHeads, headDim);
 
     /// <summary>The dtype and shape part of <see cref="Unsupported(ScalarType, DeviceType, long, long, long)"/> (no device needed).</summary>
     public static string? UnsupportedShape(ScalarType dtype, long queryHeads, long kvHeads, long headDim)

@@ -42,13 +42,9 @@ public static unsafe class DecodeGemv
     {
         ArgumentNullException.ThrowIfNull(x);
         ArgumentNullException.ThrowIfNull(weight);
-        if (x.device_type != TorchSharp.DeviceType.CUDA)
+        if (CudaKernels.UnavailableOn(x.device_type) is { } unavailable)
         {
-            return "not a CUDA tensor";
-        }
-        if (!CudaKernels.IsAvailable)
-        {
-            return CudaKernels.UnavailableReason;
+            return unavailable;
         }
         if (x.dtype is not (ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float32) || weight.dtype != x.dtype)
         {

@@ -45,14 +45,8 @@ public static unsafe class RmsNormKernel
     }
 
     /// <summary>Why the kernel cannot serve a model of this dtype, device and width (null when it can).</summary>
-    public static string? Unsupported(ScalarType dtype, TorchSharp.DeviceType deviceType, long size)
-    {
-        if (deviceType != TorchSharp.DeviceType.CUDA)
-        {
-            return "not a CUDA tensor";
-        }
-        return CudaKernels.IsAvailable ? UnsupportedShape(dtype, size) : CudaKernels.UnavailableReason;
-    }
+    public static string? Unsupported(ScalarType dtype, TorchSharp.DeviceType deviceType, long size) =>
+        CudaKernels.UnavailableOn(deviceType) ?? UnsupportedShape(dtype, size);
 
     /// <summary>
     /// Compiles (or loads from the disk cache) the kernel rows of <paramref name="size"/> in <paramref name="dtype"/>

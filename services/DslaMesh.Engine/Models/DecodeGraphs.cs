@@ -187,6 +187,7 @@ internal sealed class DecodeGraphs : IDisposable
         private readonly Tensor _attention;
         private readonly Tensor _cos;
         private readonly Tensor _sinSigned;
+        private readonly bool _rotatesInGraphs;   // some layer applies RoPE inside its segment (the others' kernel does it)
         private readonly (Tensor Q, Tensor K, Tensor V)?[] _projections;
         private Tensor? _logits;
         private CudaGraph[]? _graphs;
@@ -201,6 +202,7 @@ internal sealed class DecodeGraphs : IDisposable
             _attention = zeros([rows, 1, config.NumAttentionHeads * config.HeadDim], dtype: dtype, device: device).DetachFromDisposeScope();
             _cos = zeros([rows, 1, 1, config.HeadDim], dtype: dtype, device: device).DetachFromDisposeScope();
             _sinSigned = zeros([rows, 1, 1, config.HeadDim], dtype: dtype, device: device).DetachFromDisposeScope();
+            _rotatesInGraphs = model.Layers.Any(layer => !layer.Attention.DecodeRotatesInKernel);
             _projections = new (Tensor, Tensor, Tensor)?[config.NumHiddenLayers];
         }
 
@@ -210,12 +212,15 @@ internal sealed class DecodeGraphs : IDisposable
         /// <summary>q, k, v of a layer from the last run of the segment that ends with its projection.</summary>
         public (Tensor Q, Tensor K, Tensor V) Projections(int layer) => _projections[layer] ?? throw new InvalidOperationException($"Layer {layer}'s projection has not run.");
 
-        /// <summary>Fills the step's inputs: embeddings [B, 1, D] and the context's RoPE tables.</summary>
+        /// <summary>Fills the step's inputs: embeddings [B, 1, D] and, when a segment reads them, the context's RoPE tables.</summary>
         public void Load(Tensor embeddings, ForwardContext context)
         {
             _hidden.copy_(embeddings);
-            _cos.copy_(context.CosTokenMajor);
-            _sinSigned.copy_(context.SinSignedTokenMajor!);
+            if (_rotatesInGraphs)
+            {
+                _cos.copy_(context.CosTokenMajor);
+                _sinSigned.copy_(context.SinSignedTokenMajor!);
+            }
         }
 
         /// <summary>Where the next segment reads a layer's attention output [B, 1, H·hd].</summary>
