@@ -1,7 +1,7 @@
 """Kernel microbenchmark on a GPU host without .NET: the engine's CUDA kernels against what LibTorch would run instead.
 
     python3 deploy/gpu/kernel_bench.py            # from a DslaMesh checkout; writes kernel-bench.json to $OUT or .
-    SECTIONS=attention,sweep python3 deploy/gpu/kernel_bench.py    # pick sections (default: attention,gemv,norm)
+    SECTIONS=attention,sweep python3 deploy/gpu/kernel_bench.py    # pick sections (default: attention,gemv,norm,gemvnorm)
 
 Compiles services/DslaMesh.Engine/Kernels/*.cu with the NVRTC that PyTorch ships (through ctypes, as the engine does
 through P/Invoke), launches them on PyTorch tensors and times GPU work only (each case captured in a CUDA graph and
@@ -10,7 +10,9 @@ replayed), Llama-2-7B shapes in bf16:
     LibTorch path (roll + two RoPE ops, two cache copies, SDPA, a layout copy), batch 1/8/32 at 1k-16k and a GQA case;
   - the decode GEMV kernel against cuBLAS (torch.matmul / addmm_ / linear + silu * mul) per projection and row count;
   - the RMS norm kernel against LibTorch's (F.rms_norm) at decode and prefill row counts;
-  - sweep: decode attention per keys-per-split and UNROLL, to choose DecodeAttention.Splits' bounds.
+  - gemvnorm: the norm fused into the GEMV (its NORM variant) against the norm kernel then the GEMV (or cuBLAS);
+  - sweep: decode attention per keys-per-split, UNROLL and PIPELINE (double-buffered loads), to choose
+    DecodeAttention.Splits' bounds and the loop's form.
 Correctness of both kernels is checked by `dslactl kernels check` (deploy/gpu/verify-and-bench.sh runs it).
 """
 import ctypes, glob, json, math, os, subprocess, sys, time
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 OUT = os.environ.get("OUT", ".")
-SECTIONS = set(os.environ.get("SECTIONS", "attention,gemv,norm").split(","))
+SECTIONS = set(os.environ.get("SECTIONS", "attention,gemv,norm,gemvnorm").split(","))
 report = {}
 def log(*a):
     print(*a, flush=True)
@@ -75,8 +77,8 @@ def kernel(source, name, defines):
     log(f"compiled {source} {' '.join(f'{k}={v}' for k, v in defines)} in {compile_s:.2f}s, cubin {size.value} bytes")
     return compiled[key]
 
-def module(head_dim, group, kind, unroll=None):
-    defines = [("HEAD_DIM", head_dim), ("GROUP", group), ("SCALAR_KIND", kind)] + ([("UNROLL", unroll)] if unroll else [])
+def module(head_dim, group, kind, unroll=None, pipeline=0):
+    defines = [("HEAD_DIM", head_dim), ("GROUP", group), ("SCALAR_KIND", kind)] + ([("UNROLL", unroll)] if unroll else []) + ([("PIPELINE", 1)] if pipeline else [])
     return kernel("decode_attention.cu", "decode_attention", defines)
 
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -91,12 +93,12 @@ def choose_split(length, b, hkv):
 
 ARRIVALS = torch.zeros(1 << 16, device="cuda", dtype=torch.int32)   # zero between launches, as the engine keeps it
 
-def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, unroll=None):
+def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, unroll=None, pipeline=0):
     # q [B,Hq,d] view (unrotated), k_new [B,Hkv,d], kc [B,Hkv,cap,d], out [B,Hq,d], cos/sin [B,d]
     b, hq, d = q.shape
     hkv = k_new.shape[1]
     group = hq // hkv
-    f1, _ = module(d, group, KIND[q.dtype], unroll)
+    f1, _ = module(d, group, KIND[q.dtype], unroll, pipeline)
     if keys_per_split is None:
         keys_per_split, splits = choose_split(length, b, hkv)
     else:
@@ -120,12 +122,14 @@ def launch(q, k_new, v_new, kc, vc, length, out, cos, sin, keys_per_split=None, 
 # ---- our GEMV kernel vs cuBLAS
 def gemv_fn(rows, epi, kind, tuning=()):
     return kernel("decode_gemv.cu", "decode_gemv", [("ROWS", rows), ("EPILOGUE", epi), ("SCALAR_KIND", kind)] + list(tuning))[0]
-def gemv(x, w, y, epi, warps=8, outputs=2, unroll=4):
+def gemv(x, w, y, epi, warps=8, outputs=2, unroll=4, norm=None):
+    # norm: (weight [K], eps) to normalise x inside the launch (the NORM variant), else None
     rows, k = x.shape
     n = w.shape[0] // 2 if epi == 2 else w.shape[0]
-    f = gemv_fn(rows, epi, KIND[x.dtype], (("WARPS", warps), ("OUTPUTS_PER_WARP", outputs), ("UNROLL", unroll)))
+    f = gemv_fn(rows, epi, KIND[x.dtype], (("WARPS", warps), ("OUTPUTS_PER_WARP", outputs), ("UNROLL", unroll), ("NORM", 1 if norm else 0)))
     ll = ctypes.c_longlong; ptr = ctypes.c_void_p
-    args = [ptr(x.data_ptr()), ll(x.stride(0)), ptr(w.data_ptr()), ctypes.c_int(n), ctypes.c_int(k), ptr(y.data_ptr()), ll(y.stride(0))]
+    args = [ptr(x.data_ptr()), ll(x.stride(0)), ptr(w.data_ptr()), ctypes.c_int(n), ctypes.c_int(k), ptr(y.data_ptr()), ll(y.stride(0)),
+            ptr(norm[0].data_ptr() if norm else 0), ctypes.c_float(norm[1] if norm else 0.0)]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
     blocks = (n + warps * outputs - 1) // (warps * outputs)
     check_cu(cuda.cuLaunchKernel(f, blocks, 1, 1, 32 * warps, 1, 1, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), params, None), "gemv")
@@ -189,15 +193,23 @@ sweep = []
 for (b, hkv, group, length) in [(1, 32, 1, 1024), (1, 32, 1, 4096), (1, 32, 1, 16384), (1, 8, 4, 4096), (1, 8, 4, 16384), (8, 32, 1, 4096), (4, 32, 1, 16384)] if "sweep" in SECTIONS else []:
     d, hq, qkv, q4, k4, v4, kc, vc, out, cos, sin = attention_case(b, hkv, group, length)
     rule = choose_split(length, b, hkv)
-    for unroll in (4, 8):
+    # The double-buffered loop (PIPELINE=1) must give the plain loop's output bit for bit: same arithmetic, same order.
+    outs = []
+    for pipeline in (0, 1):
+        o = torch.empty(b, hq, d, device="cuda", dtype=out.dtype)
+        launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, o, cos, sin, pipeline=pipeline)
+        outs.append(o)
+    torch.cuda.synchronize()
+    log(f"sweep b={b} hkv={hkv} g={group} len={length}: pipelined output {'equals' if torch.equal(outs[0], outs[1]) else 'DIFFERS FROM'} the plain loop's")
+    for pipeline, unroll in [(p, u) for p in (0, 1) for u in (4, 8)]:
         for per in (64, 128, 256, 512, 1024, 2048, 4096):
             if per > 2 * (length + 1): continue
             def ours():
-                for _ in range(20): launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, out.view(b, hq, d), cos, sin, keys_per_split=per, unroll=unroll)
+                for _ in range(20): launch(q4.squeeze(2), k4.squeeze(2), v4.squeeze(2), kc, vc, length, out.view(b, hq, d), cos, sin, keys_per_split=per, unroll=unroll, pipeline=pipeline)
             t = graph_time(ours) / 20 * 1000
             kv_bytes = 2 * b * hkv * (length + 1) * d * 2
-            sweep.append(dict(b=b, hkv=hkv, group=group, length=length, unroll=unroll, keys_per_split=per, splits=math.ceil((length + 1) / per), us=t, GBps=kv_bytes / t / 1e3, rule=rule))
-            log(f"sweep b={b} hkv={hkv} g={group} len={length} unroll={unroll} keys/split={per:5d} splits={math.ceil((length + 1) / per):4d}: {t:7.1f} us ({kv_bytes / t / 1e3:.0f} GB/s){'  <- rule' if per == rule[0] and unroll == 4 else ''}")
+            sweep.append(dict(b=b, hkv=hkv, group=group, length=length, pipeline=pipeline, unroll=unroll, keys_per_split=per, splits=math.ceil((length + 1) / per), us=t, GBps=kv_bytes / t / 1e3, rule=rule))
+            log(f"sweep b={b} hkv={hkv} g={group} len={length} pipeline={pipeline} unroll={unroll} keys/split={per:5d} splits={math.ceil((length + 1) / per):4d}: {t:7.1f} us ({kv_bytes / t / 1e3:.0f} GB/s){'  <- rule' if per == rule[0] and unroll == 8 and not pipeline else ''}")
     del kc, vc
 report["sweep"] = sweep
 
@@ -247,6 +259,41 @@ report["gemv_sweep"] = gsweep
 # RMS norm: ours (one block per row) against LibTorch's F.rms_norm, hidden 4096, bf16
 def norm_fn(vecs, kind):
     return kernel("rms_norm.cu", "rms_norm", [("VECS_PER_THREAD", vecs), ("SCALAR_KIND", kind)])[0]
+def rms_norm(x, w, y, eps):
+    rows, dim = x.shape
+    f = norm_fn(math.ceil(dim / (4 if x.dtype == torch.float32 else 8) / 256), KIND[x.dtype])
+    ll = ctypes.c_longlong; ptr = ctypes.c_void_p
+    args = [ptr(x.data_ptr()), ll(x.stride(0)), ptr(w.data_ptr()), ctypes.c_int(dim), ctypes.c_float(eps), ptr(y.data_ptr()), ll(y.stride(0))]
+    params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    check_cu(cuda.cuLaunchKernel(f, rows, 1, 1, 256, 1, 1, 0, ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), params, None), "norm")
+
+# gemvnorm: the RMS norm fused into the GEMV (NORM=1) against the norm kernel followed by the GEMV (or cuBLAS for Q/K/V,
+# the engine's unfused path), per projection that follows a norm; outputs compared with the two-launch form
+gnorm = []
+for name, (o, i, epi) in [("qkv", shapes["qkv"]), ("gate_up", shapes["gate_up"]), ("lm_head", shapes["lm_head"])] if "gemvnorm" in SECTIONS else []:
+    ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) / 64 for _ in range(8)]
+    gains = (1 + 0.1 * torch.randn(i, device="cuda")).to(torch.bfloat16)
+    for rows in (1, 2, 4):
+        x = 3 * torch.randn(rows, i, device="cuda", dtype=torch.bfloat16)
+        xn = torch.empty_like(x)
+        n = o // 2 if epi == 2 else o
+        y = torch.zeros(rows, n, device="cuda", dtype=torch.bfloat16); y2 = torch.zeros_like(y)
+        def fused():
+            for w in ws: gemv(x, w, y, epi, norm=(gains, 1e-5))
+        def separate():
+            for w in ws: rms_norm(x, gains, xn, 1e-5); gemv(xn, w, y2, epi)
+        def separate_cublas():
+            for w in ws:
+                rms_norm(x, gains, xn, 1e-5)
+                if epi == 0: torch.matmul(xn, w.t(), out=y2)
+                else: g = F.linear(xn, w); y2.copy_(F.silu(g[:, :n]) * g[:, n:])
+        fused(); separate(); torch.cuda.synchronize()
+        diff = (y.float() - y2.float()).abs().max().item()
+        t_f = graph_time(fused) / 8 * 1000; t_s = graph_time(separate) / 8 * 1000; t_c = graph_time(separate_cublas) / 8 * 1000
+        gnorm.append(dict(name=name, rows=rows, fused_us=t_f, norm_then_gemv_us=t_s, norm_then_cublas_us=t_c, max_abs_diff=diff))
+        log(f"gemvnorm {name:8s} rows={rows}: fused {t_f:.1f} us | norm + gemv {t_s:.1f} us | norm + cublas {t_c:.1f} us | max |fused - separate| {diff:.3g}")
+    del ws
+report["gemv_norm"] = gnorm
 norms = []
 for rows in (1, 8, 32, 1024, 16384) if "norm" in SECTIONS else []:
     dim = 4096

@@ -46,6 +46,8 @@ public static class BenchCommands
         var noDecodeKernel = new Option<bool>("--no-decode-kernels") { Description = "Run decode steps with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's CUDA kernels." };
         var noDecodeGemv = new Option<bool>("--no-decode-gemv") { Description = "Keep the decode attention kernel but run projections with LibTorch GEMMs." };
         var compareWithoutDecodeKernel = new Option<bool>("--compare-without-decode-kernels") { Description = "Also time every decode cell with KV copies, SDPA, LibTorch GEMMs and LibTorch's RMS norm instead of the engine's kernels (before/after)." };
+        var normIntoProjections = new Option<bool>("--norm-into-projections") { Description = "Apply each decode RMS norm inside the GEMV launch of the product after it (Q/K/V, gate/up, LM head) instead of as a launch of its own." };
+        var compareNormIntoProjections = new Option<bool>("--compare-norm-into-projections") { Description = "Also time every decode cell with --norm-into-projections the other way (A/B)." };
         var cudnnAttention = new Option<bool>("--cudnn-attention") { Description = "Let SDPA use cuDNN attention (off by default: it re-plans for every new KV length)." };
         var profileSteps = new Option<int>("--profile-steps") { Description = "Bracket the first N timed decode steps of each cell with cuProfilerStart/Stop, for `ncu --profile-from-start off` (CUDA)." };
         var hostProfile = new Option<bool>("--host-profile") { Description = "Also measure the host time of each piece of a batch-1 decode step." };
@@ -54,7 +56,7 @@ public static class BenchCommands
         var json = new Option<FileInfo?>("--json") { Description = "Write the report as JSON to this file." };
 
         var command = new Command("engine", "Time prefill and decode of a Llama-2-7B-shaped model with random weights, built on the device.");
-        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, cudnnAttention, profileSteps, hostProfile, decodeFirst, seed, json })
+        foreach (var option in new Option[] { device, dtype, libTorch, hidden, layers, heads, kvHeads, intermediate, vocab, prefill, contexts, batches, warmup, repeats, steps, copyMiB, plainKernels, comparePlain, compareWithoutGraphs, decodeGraphs, noDecodeKernel, noDecodeGemv, compareWithoutDecodeKernel, normIntoProjections, compareNormIntoProjections, cudnnAttention, profileSteps, hostProfile, decodeFirst, seed, json })
         {
             command.Options.Add(option);
         }
@@ -107,10 +109,18 @@ public static class BenchCommands
                 Seed = result.GetValue(seed),
                 Kernels = result.GetValue(plainKernels)
                     ? LlamaKernelOptions.Plain
-                    : LlamaKernelOptions.Default with { DecodeGraphs = result.GetValue(decodeGraphs), DecodeAttentionKernel = !result.GetValue(noDecodeKernel), DecodeGemvKernel = !result.GetValue(noDecodeKernel) && !result.GetValue(noDecodeGemv), RmsNormKernel = !result.GetValue(noDecodeKernel) },
+                    : LlamaKernelOptions.Default with
+                    {
+                        DecodeGraphs = result.GetValue(decodeGraphs),
+                        DecodeAttentionKernel = !result.GetValue(noDecodeKernel),
+                        DecodeGemvKernel = !result.GetValue(noDecodeKernel) && !result.GetValue(noDecodeGemv),
+                        RmsNormKernel = !result.GetValue(noDecodeKernel),
+                        NormIntoProjections = result.GetValue(normIntoProjections),
+                    },
                 ComparePlain = result.GetValue(comparePlain),
                 CompareWithoutGraphs = result.GetValue(compareWithoutGraphs),
                 CompareWithoutDecodeKernel = result.GetValue(compareWithoutDecodeKernel),
+                CompareNormIntoProjections = result.GetValue(compareNormIntoProjections),
                 HostProfile = result.GetValue(hostProfile),
                 DecodeFirst = result.GetValue(decodeFirst),
             };
@@ -182,19 +192,22 @@ public static class BenchCommands
                 text.AppendLine(c, $"plain kernels: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step");
             }
         }
-        foreach (var d in report.DecodeWithoutGraphs ?? [])
-        {
-            var graphs = report.Decode.FirstOrDefault(x => x.Batch == d.Batch && x.Context == d.Context);
-            var ratio = graphs?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" (graphs {with / without:F2}×)") : "";
-            text.AppendLine(c, $"without graphs: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
-        }
-        foreach (var d in report.DecodeWithoutKernel ?? [])
-        {
-            var kernel = report.Decode.FirstOrDefault(x => x.Batch == d.Batch && x.Context == d.Context);
-            var ratio = kernel?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" (kernels {with / without:F2}×)") : "";
-            text.AppendLine(c, $"without decode kernels: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
-        }
+        var normInto = report.Notes.TryGetValue("norm_into_projections", out var placement) && placement != "off";
+        AppendVariant("without graphs", "graphs", report.DecodeWithoutGraphs);
+        AppendVariant("without decode kernels", "kernels", report.DecodeWithoutKernel);
+        AppendVariant(normInto ? "norms as launches of their own" : "norms into projections", normInto ? "norms into projections" : "norms as launches of their own", report.DecodeNormIntoProjectionsSwapped);
         return text.ToString();
+
+        // One line per cell of a variant's grid, with the main run's time over the variant's.
+        void AppendVariant(string variant, string main, IReadOnlyList<DecodeMeasurement>? cells)
+        {
+            foreach (var d in cells ?? [])
+            {
+                var measured = report.Decode.FirstOrDefault(x => x.Batch == d.Batch && x.Context == d.Context);
+                var ratio = measured?.MsPerStep is { } with && d.MsPerStep is { } without ? string.Create(c, $" ({main} {with / without:F2}×)") : "";
+                text.AppendLine(c, $"{variant}: decode batch {d.Batch} ctx {d.Context} {Cell(d.MsPerStep, d.Status, d.NeedsGiB)} ms/step{ratio}");
+            }
+        }
     }
 
     private static string Cell(double? ms, string status, double needsGiB) =>

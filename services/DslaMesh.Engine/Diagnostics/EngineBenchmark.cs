@@ -69,6 +69,9 @@ public sealed record EngineBenchmarkSettings
 
     /// <summary>Also time every decode cell with KV copies, SDPA, LibTorch GEMMs and LibTorch's norm instead of the engine's kernels: before/after, same run.</summary>
     public bool CompareWithoutDecodeKernel { get; init; }
+
+    /// <summary>Also time every decode cell with <see cref="LlamaKernelOptions.NormIntoProjections"/> the other way: A/B, same run.</summary>
+    public bool CompareNormIntoProjections { get; init; }
 }
 
 /// <summary>One prefill measurement. Status is <c>ok</c> or <c>oom</c>.</summary>
@@ -109,6 +112,8 @@ public sealed record BenchmarkReport
     public IReadOnlyList<DecodeMeasurement>? DecodeWithoutGraphs { get; init; }
     /// <summary>The decode cells again without the decode kernels (when asked for and the main run used them).</summary>
     public IReadOnlyList<DecodeMeasurement>? DecodeWithoutKernel { get; init; }
+    /// <summary>The decode cells again with the norms fused into the projections the other way (when asked for).</summary>
+    public IReadOnlyList<DecodeMeasurement>? DecodeNormIntoProjectionsSwapped { get; init; }
     public IReadOnlyDictionary<string, string> Notes { get; init; } = new Dictionary<string, string>();
     public required string Timestamp { get; init; }
 }
@@ -178,6 +183,8 @@ public static class EngineBenchmark
             notes["decode_attention"] = model.DecodeAttentionStatus;
             notes["decode_gemv"] = model.Kernels.DecodeGemvKernel ? $"kernel (≤ {DecodeGemv.MaxRows} rows)" : "libtorch";
             notes["rms_norm"] = model.Layers[0].InputNorm.UsesKernel ? $"kernel (≤ {RmsNormKernel.MaxRows} rows), libtorch beyond" : "libtorch";
+            notes["norm_into_projections"] = !settings.Kernels.NormIntoProjections ? "off"
+                : model.Layers[0].InputNorm.FusesIntoProjections ? "on (decode GEMV norm variant)" : "asked for, not available here (CUDA and the GEMV kernel only)";
             log($"decode attention: {notes["decode_attention"]}");
             log($"decode steps: {model.DecodeGraphStatus}");
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
@@ -203,25 +210,26 @@ public static class EngineBenchmark
             model.Dispose();
         }
 
-        List<DecodeMeasurement>? withoutGraphs = null;
-        if (settings.CompareWithoutGraphs && usedGraphs)
+        // The decode grid again on a second model built with other kernel options (same weights: same seed).
+        List<DecodeMeasurement> MeasureVariant(LlamaKernelOptions kernels, string what)
         {
-            log("decode without CUDA graphs (before/after): every op launched from the host");
-            using var eager = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeGraphs = DecodeGraphMode.Off });
-            eager.InitializeRandom(settings.Seed);
+            log(what);
+            using var variant = new LlamaForCausalLM(config, settings.DType, device, maxPositions, kernels);
+            variant.InitializeRandom(settings.Seed);
             var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
-            withoutGraphs = MeasureDecodeGrid(eager, settings, device, cuda, budget, log);
+            return MeasureDecodeGrid(variant, settings, device, cuda, budget, log);
         }
-
-        List<DecodeMeasurement>? withoutKernel = null;
-        if (settings.CompareWithoutDecodeKernel && notes["decode_attention"] == "kernel")
-        {
-            log("decode with KV copies, SDPA, LibTorch GEMMs and norms instead of the engine's kernels (before/after)");
-            using var sdpa = new LlamaForCausalLM(config, settings.DType, device, maxPositions, settings.Kernels with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false });
-            sdpa.InitializeRandom(settings.Seed);
-            var budget = cuda && CudaDevice.MemoryInfo() is { } memory ? memory.Free - settings.ReserveBytes : (long?)null;
-            withoutKernel = MeasureDecodeGrid(sdpa, settings, device, cuda, budget, log);
-        }
+        var withoutGraphs = settings.CompareWithoutGraphs && usedGraphs
+            ? MeasureVariant(settings.Kernels with { DecodeGraphs = DecodeGraphMode.Off }, "decode without CUDA graphs (before/after): every op launched from the host")
+            : null;
+        var withoutKernel = settings.CompareWithoutDecodeKernel && notes["decode_attention"] == "kernel"
+            ? MeasureVariant(settings.Kernels with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false, NormIntoProjections = false },
+                "decode with KV copies, SDPA, LibTorch GEMMs and norms instead of the engine's kernels (before/after)")
+            : null;
+        var normSwapped = settings.CompareNormIntoProjections
+            ? MeasureVariant(settings.Kernels with { NormIntoProjections = !settings.Kernels.NormIntoProjections },
+                $"decode with the RMS norms {(settings.Kernels.NormIntoProjections ? "as launches of their own" : "fused into the projections' GEMV")} (A/B)")
+            : null;
 
         PlainKernelMeasurements? plain = null;
         if (settings.ComparePlain && settings.PrefillTokens.Count > 0 && settings.DecodeContexts.Count > 0)
@@ -249,6 +257,7 @@ public static class EngineBenchmark
             PlainKernels = plain,
             DecodeWithoutGraphs = withoutGraphs,
             DecodeWithoutKernel = withoutKernel,
+            DecodeNormIntoProjectionsSwapped = normSwapped,
             Notes = notes,
             Timestamp = DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ssZ", System.Globalization.CultureInfo.InvariantCulture),
         };

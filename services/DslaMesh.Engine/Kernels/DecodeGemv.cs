@@ -23,9 +23,9 @@ public enum GemvEpilogue
 /// </summary>
 /// <remarks>
 /// Shapes: x [M, K] (rows any stride apart, contiguous within), W [N, K] contiguous (or [2N, K] for
-/// <see cref="GemvEpilogue.SiluGate"/>), y [M, N] (rows any stride apart). Launched on LibTorch's current stream, so it
-/// can be captured into a CUDA graph like any LibTorch kernel. Callers fall back to LibTorch when
-/// <see cref="Unsupported"/> names a reason.
+/// <see cref="GemvEpilogue.SiluGate"/>), y [M, N] (rows any stride apart), and for a fused norm its weight [K]. Launched
+/// on LibTorch's current stream, so it can be captured into a CUDA graph like any LibTorch kernel. Callers fall back to
+/// LibTorch when <see cref="Unsupported"/> names a reason.
 /// </remarks>
 public static unsafe class DecodeGemv
 {
@@ -35,7 +35,7 @@ public static unsafe class DecodeGemv
     private const string Source = "decode_gemv.cu";
     private const int OutputsPerBlock = 8 * 2;   // WARPS × OUTPUTS_PER_WARP in the source
 
-    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int Rows, GemvEpilogue Epilogue, ScalarType DType, int Device), nint> Compiled = new();
+    private static readonly System.Collections.Concurrent.ConcurrentDictionary<(int Rows, GemvEpilogue Epilogue, bool Norm, ScalarType DType, int Device), nint> Compiled = new();
 
     /// <summary>Why the kernel cannot compute x·Wᵀ (null when it can).</summary>
     public static string? Unsupported(Tensor x, Tensor weight)
@@ -61,10 +61,12 @@ public static unsafe class DecodeGemv
 
     /// <summary>
     /// Computes x [M, K] · Wᵀ into <paramref name="output"/> [M, N] as <paramref name="epilogue"/> says. Tensors of more
-    /// dimensions are taken as [M, K] / [M, N] over their last dimension (each must view that way).
+    /// dimensions are taken as [M, K] / [M, N] over their last dimension (each must view that way). With
+    /// <paramref name="norm"/>, x is first normalised as <see cref="RmsNormKernel"/> would (its weight [K] and epsilon),
+    /// inside the same launch.
     /// </summary>
     /// <exception cref="ArgumentException">Unsupported operands, or shapes that do not fit (the message says which).</exception>
-    public static void Run(Tensor x, Tensor weight, Tensor output, GemvEpilogue epilogue)
+    public static void Run(Tensor x, Tensor weight, Tensor output, GemvEpilogue epilogue, (Tensor Weight, double Eps)? norm = null)
     {
         ArgumentNullException.ThrowIfNull(output);
         if (Unsupported(x, weight) is { } reason)
@@ -72,6 +74,11 @@ public static unsafe class DecodeGemv
             throw new ArgumentException($"The decode GEMV kernel does not support these operands: {reason}.", nameof(x));
         }
         var k = weight.shape[1];
+        if (norm is (var gains, var eps) && (gains.dtype != x.dtype || gains.device_type != x.device_type || gains.device_index != x.device_index || gains.dim() != 1 || gains.shape[0] != k
+            || !gains.is_contiguous() || CudaKernels.DataPointer(gains) % 16 != 0 || !(eps > 0)))
+        {
+            throw new ArgumentException($"The norm weight must be a contiguous, 16-byte aligned [{k}] {x.dtype} tensor on {x.device} with a positive epsilon (got {CudaKernels.Shape(gains)} {gains.dtype} on {gains.device}, eps {eps}).", nameof(norm));
+        }
         var n = epilogue == GemvEpilogue.SiluGate ? weight.shape[0] / 2 : weight.shape[0];
         var rows = x.NumberOfElements / k;
         if ((epilogue == GemvEpilogue.SiluGate && weight.shape[0] % 2 != 0) || output.NumberOfElements != rows * n || output.dtype != x.dtype
@@ -87,17 +94,21 @@ public static unsafe class DecodeGemv
             throw new ArgumentException($"x's rows and W must start on 16-byte boundaries (x row stride {xStride}).", nameof(x));
         }
         var device = (int)Math.Max(x.device_index, 0);
-        var function = Compiled.GetOrAdd(((int)rows, epilogue, x.dtype, device), key => CudaKernels.Function(Source, "decode_gemv",
+        var function = Compiled.GetOrAdd(((int)rows, epilogue, norm is not null, x.dtype, device), key => CudaKernels.Function(Source, "decode_gemv",
             [
                 ("ROWS", key.Rows.ToString(CultureInfo.InvariantCulture)),
                 ("EPILOGUE", ((int)key.Epilogue).ToString(CultureInfo.InvariantCulture)),
+                ("NORM", key.Norm ? "1" : "0"),
                 ("SCALAR_KIND", CudaKernels.ScalarKind(key.DType)),
             ], key.Device));
         int outputs = (int)n, inputs = (int)k;
-        var arguments = stackalloc void*[] { &xPointer, &xStride, &weightPointer, &outputs, &inputs, &outputPointer, &yStride };
+        long normPointer = norm is (var normWeight, _) ? CudaKernels.DataPointer(normWeight) : 0;
+        var normEps = (float)(norm?.Eps ?? 0);
+        var arguments = stackalloc void*[] { &xPointer, &xStride, &weightPointer, &outputs, &inputs, &outputPointer, &yStride, &normPointer, &normEps };
         CudaKernels.Launch(function, ((uint)((n + OutputsPerBlock - 1) / OutputsPerBlock), 1, 1), 256, device, arguments);
         GC.KeepAlive(x);
         GC.KeepAlive(weight);
         GC.KeepAlive(output);
+        GC.KeepAlive(norm?.Weight);
     }
 }

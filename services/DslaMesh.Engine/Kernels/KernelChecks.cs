@@ -60,7 +60,10 @@ public static class KernelChecks
         return results;
     }
 
-    /// <summary>Runs the GEMV cases on <paramref name="device"/> (CUDA): every epilogue, 1–8 rows, odd sizes, strided rows.</summary>
+    /// <summary>
+    /// Runs the GEMV cases on <paramref name="device"/> (CUDA): every epilogue, 1–8 rows, odd sizes, strided rows, each
+    /// with and without the RMS norm fused in front.
+    /// </summary>
     public static IReadOnlyList<KernelCheck> DecodeGemvCases(Device device, Action<KernelCheck>? progress = null)
     {
         RequireCuda(device);
@@ -74,9 +77,12 @@ public static class KernelChecks
                 {
                     foreach (var epilogue in Enum.GetValues<GemvEpilogue>())
                     {
-                        var check = DecodeGemvCase(dtype, rows, n, k, epilogue, device, seed++);
-                        results.Add(check);
-                        progress?.Invoke(check);
+                        foreach (var normed in new[] { false, true })
+                        {
+                            var check = DecodeGemvCase(dtype, rows, n, k, epilogue, normed, device, seed++);
+                            results.Add(check);
+                            progress?.Invoke(check);
+                        }
                     }
                 }
             }
@@ -130,16 +136,20 @@ public static class KernelChecks
         return new KernelCheck("rms_norm", $"rows={rows} D={size}{(strided ? " strided" : "")}", dtype.ToString().ToLowerInvariant(), error, tolerance, true, error <= tolerance);
     }
 
-    private static KernelCheck DecodeGemvCase(ScalarType dtype, int rows, int n, int k, GemvEpilogue epilogue, Device device, long seed)
+    /// <summary>One GEMV case; <paramref name="normed"/>: x goes through the fused RMS norm (reference: <see cref="RmsNormKernel.Reference"/>).</summary>
+    private static KernelCheck DecodeGemvCase(ScalarType dtype, int rows, int n, int k, GemvEpilogue epilogue, bool normed, Device device, long seed)
     {
         using var scope = NewDisposeScope();
         using var noGrad = no_grad();
         var generator = new TorchSharp.torch.Generator((ulong)seed);
         Tensor Random(long[] shape) => randn(shape, generator: generator).to(device);
         // x as every other row of a larger buffer: rows a stride apart, as a narrowed projection output is.
-        var x = Random([rows, 2, k]).to(dtype).select(1, 0);
+        var x = (Random([rows, 2, k]) * (normed ? 3 : 1)).to(dtype).select(1, 0);
         var weight = (Random([epilogue == GemvEpilogue.SiluGate ? 2 * n : n, k]) / Math.Sqrt(k)).to(dtype);
-        var product = matmul(x.to(ScalarType.Float32), weight.to(ScalarType.Float32).t());
+        const double Eps = 1e-5;
+        var gains = normed ? (1 + (0.2 * Random([k]))).to(dtype) : null;
+        var input = gains is null ? x : RmsNormKernel.Reference(x, gains, Eps);
+        var product = matmul(input.to(ScalarType.Float32), weight.to(ScalarType.Float32).t());
         var output = Random([rows, n]).to(dtype);
         var expected = epilogue switch
         {
@@ -147,10 +157,10 @@ public static class KernelChecks
             GemvEpilogue.SiluGate => nn.functional.silu(product.narrow(1, 0, n)) * product.narrow(1, n, n),
             _ => product,
         };
-        DecodeGemv.Run(x, weight, output, epilogue);
+        DecodeGemv.Run(x, weight, output, epilogue, gains is null ? null : (gains, Eps));
         var error = (output.to(ScalarType.Float32) - expected).abs().max().item<float>();
         var tolerance = 1.5 * Tolerance(dtype);
-        return new KernelCheck("decode_gemv", $"rows={rows} N={n} K={k} {epilogue}", dtype.ToString().ToLowerInvariant(), error, tolerance, true, error <= tolerance);
+        return new KernelCheck("decode_gemv", $"rows={rows} N={n} K={k} {epilogue}{(normed ? " +norm" : "")}", dtype.ToString().ToLowerInvariant(), error, tolerance, true, error <= tolerance);
     }
 
     private static void RequireCuda(Device device)

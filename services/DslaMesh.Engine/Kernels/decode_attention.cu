@@ -29,6 +29,9 @@
 #ifndef UNROLL
 #define UNROLL 8                          // key rows each lane has in flight (4 was 2-22 % slower on an H200)
 #endif
+#ifndef PIPELINE
+#define PIPELINE 0                        // 1: request the next step's rows before using this step's (kernel_bench sweeps it)
+#endif
 #define NEG_INF __int_as_float(0xff800000)
 
 __device__ __forceinline__ uint4 load16(const scalar_t* p) { return *reinterpret_cast<const uint4*>(p); }
@@ -191,10 +194,20 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
     // The loop bounds are uniform across a warp (the shuffles below need every lane); lanes past `end` mask out.
     for (int base = first_base; base < end; base += stride * UNROLL)
     {
+#if PIPELINE
+        // Double-buffered: the next step's rows are in flight while this step's are used (twice the registers).
+        uint4 key_next[UNROLL], value_next[UNROLL];
+        const int next_base = base + stride * UNROLL;
+        if (next_base < end)
+        {
+            load_rows(keys, values, next_base, stride, sub, part, cached_end, key_next, value_next);
+        }
+#else
         if (base != first_base)
         {
             load_rows(keys, values, base, stride, sub, part, cached_end, key_raw, value_raw);
         }
+#endif
 #pragma unroll
         for (int u = 0; u < UNROLL; u++)
         {
@@ -240,6 +253,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_attention(
                 }
             }
         }
+#if PIPELINE
+        if (next_base < end)
+        {
+#pragma unroll
+            for (int u = 0; u < UNROLL; u++)
+            {
+                key_raw[u] = key_next[u];
+                value_raw[u] = value_next[u];
+            }
+        }
+#endif
     }
 
     // Merge the block's STATES partial softmax states. [GROUP][STATES] maxima and sums, [GROUP][STATES][HEAD_DIM] sums.

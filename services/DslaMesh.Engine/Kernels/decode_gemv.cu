@@ -7,8 +7,12 @@
 //                1: y += x·Wᵀ         (the residual add of o_proj and down_proj, in place)
 //                2: y = silu(x·W_gᵀ) ⊙ (x·W_uᵀ) with W = [W_g; W_u] [2N, K] (Llama's gate/up pair), y [ROWS, N]
 //   SCALAR_KIND  0 = fp32, 1 = bf16, 2 = fp16 (x, W and y share it; arithmetic is fp32)
+//   NORM         0: x as given; 1: x is first normalised as Llama's RMS norm does (norm_weight [K], norm_eps), so the
+//                norm before a projection costs no launch of its own: each warp reduces its rows' sums of squares
+//                itself (x is a few KiB, read from L1/L2), and rounds as rms_norm.cu does (Hugging Face's LlamaRMSNorm)
 // x and y rows are `x_stride` / `y_stride` elements apart; W rows are contiguous (K elements), 16-byte aligned, and
-// K is a multiple of 16 bytes' worth of elements. Grid: ceil(N / (WARPS · OUTPUTS_PER_WARP)) blocks of WARPS warps.
+// K is a multiple of 16 bytes' worth of elements; norm_weight (NORM 1 only; else null) is [K] contiguous, 16-byte
+// aligned. Grid: ceil(N / (WARPS · OUTPUTS_PER_WARP)) blocks of WARPS warps.
 
 // scalar_t, VEC, unpack, to_float and from_float come from scalar.cuh.
 
@@ -21,6 +25,9 @@
 #endif
 #ifndef UNROLL
 #define UNROLL 4                           // 16-byte loads of each W row in flight per lane
+#endif
+#ifndef NORM
+#define NORM 0
 #endif
 #define THREADS (WARPS * 32)
 #define WEIGHT_ROWS (EPILOGUE == 2 ? 2 * OUTPUTS_PER_WARP : OUTPUTS_PER_WARP)
@@ -37,7 +44,8 @@ __device__ __forceinline__ uint4 load_streaming(const scalar_t* p)
 extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
     const scalar_t* __restrict__ x, long long x_stride,
     const scalar_t* __restrict__ weight, int n, int k,
-    scalar_t* __restrict__ y, long long y_stride)
+    scalar_t* __restrict__ y, long long y_stride,
+    const scalar_t* __restrict__ norm_weight, float norm_eps)
 {
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
@@ -70,6 +78,45 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
     }
 
     const int step = 32 * VEC;              // elements of K a warp covers per load
+#if NORM
+    // 1 / rms of each row of x, reduced by this warp alone (no block barrier). The first loads of W are asked into L2
+    // first, so the reduction overlaps their round trip.
+#pragma unroll
+    for (int u = 0; u < UNROLL; u++)
+    {
+        const int offset = lane * VEC + u * step;
+#pragma unroll
+        for (int r = 0; r < WEIGHT_ROWS; r++)
+        {
+            if (offset < k)
+            {
+                asm volatile("prefetch.global.L2 [%0];" :: "l"(rows[r] + offset));
+            }
+        }
+    }
+    float inverse_rms[ROWS];
+#pragma unroll
+    for (int m = 0; m < ROWS; m++)
+    {
+        float squares = 0.f;
+        for (int offset = lane * VEC; offset < k; offset += step)
+        {
+            float values[VEC];
+            unpack(*reinterpret_cast<const uint4*>(x + m * x_stride + offset), values);
+#pragma unroll
+            for (int i = 0; i < VEC; i++)
+            {
+                squares += values[i] * values[i];
+            }
+        }
+#pragma unroll
+        for (int offset = 16; offset > 0; offset /= 2)
+        {
+            squares += __shfl_xor_sync(0xffffffffu, squares, offset);
+        }
+        inverse_rms[m] = rsqrtf(squares / (float)k + norm_eps);
+    }
+#endif
     for (int base = lane * VEC; base < k; base += step * UNROLL)
     {
         uint4 raw[UNROLL][WEIGHT_ROWS];
@@ -92,10 +139,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) decode_gemv(
                 break;
             }
             float input[ROWS][VEC];
+#if NORM
+            float gains[VEC];
+            unpack(*reinterpret_cast<const uint4*>(norm_weight + offset), gains);
+#endif
 #pragma unroll
             for (int m = 0; m < ROWS; m++)
             {
                 unpack(*reinterpret_cast<const uint4*>(x + m * x_stride + offset), input[m]);
+#if NORM
+#pragma unroll
+                for (int i = 0; i < VEC; i++)
+                {
+                    // weight ⊙ round(x · rsqrt(mean(x²) + eps)), rounded: what the separate norm would have stored
+                    input[m][i] = to_float(from_float(gains[i] * to_float(from_float(input[m][i] * inverse_rms[m]))));
+                }
+#endif
             }
 #pragma unroll
             for (int r = 0; r < WEIGHT_ROWS; r++)

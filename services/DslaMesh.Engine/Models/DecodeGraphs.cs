@@ -262,16 +262,15 @@ internal sealed class DecodeGraphs : IDisposable
             {
                 var previous = layers[segment - 1];
                 previous.Attention.AddOutputTo(_hidden, _attention);
-                previous.Mlp.AddTo(_hidden, previous.PostAttentionNorm.forward(_hidden));
+                previous.Mlp.AddTo(_hidden, _hidden, previous.PostAttentionNorm);
             }
             if (segment < layers.Count)
             {
                 var layer = layers[segment];
-                var normed = layer.InputNorm.forward(_hidden);
                 // The decode kernel rotates q and k itself (from the step's context); other paths rotate here.
                 var (q, k, v) = layer.Attention.DecodeRotatesInKernel
-                    ? layer.Attention.ProjectUnrotated(normed)
-                    : layer.Attention.ProjectFused(normed, _rows, 1, _cos, _sinSigned);
+                    ? layer.Attention.ProjectUnrotated(_hidden, layer.InputNorm)
+                    : layer.Attention.ProjectFused(layer.InputNorm.forward(_hidden), _rows, 1, _cos, _sinSigned);
                 _projections[segment] = (q.DetachFromDisposeScope(), k.DetachFromDisposeScope(), v.DetachFromDisposeScope());
             }
             else

@@ -26,8 +26,9 @@ public sealed class LlamaDecoderLayer : nn.Module
         Index = index;
         _attention = new LlamaAttention(config, dtype, device, kernels);
         _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel);
-        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel);
-        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel);
+        var intoProjections = kernels.NormIntoProjections && kernels.DecodeGemvKernel;
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, intoProjections);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, intoProjections);
         RegisterComponents();
     }
 
@@ -70,7 +71,7 @@ public sealed class LlamaDecoderLayer : nn.Module
             ? attention.AddTo(hidden, normed, context, Index)
             : hidden + mixer.Forward(normed, context, Index);
         // attended is this layer's own tensor (or the caller's scratch), so the MLP may add its output into it in place.
-        var result = _mlp.AddTo(attended, _postAttentionNorm.forward(attended));
+        var result = _mlp.AddTo(attended, attended, _postAttentionNorm);
         return ReferenceEquals(result, hidden) ? result : result.MoveToOuterDisposeScope();
     }
 }

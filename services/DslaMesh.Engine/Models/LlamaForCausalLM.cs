@@ -34,7 +34,7 @@ public sealed class LlamaForCausalLM : nn.Module
         _embedTokens = new Parameter(empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device), requires_grad: false);
         _layerArray = Enumerable.Range(0, config.NumHiddenLayers).Select(i => new LlamaDecoderLayer(config, i, dtype, device, Kernels)).ToArray();
         _layers = new ModuleList<LlamaDecoderLayer>(_layerArray);
-        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, Kernels.FusedRmsNorm, Kernels.RmsNormKernel);
+        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, Kernels.FusedRmsNorm, Kernels.RmsNormKernel, Kernels.NormIntoProjections && Kernels.DecodeGemvKernel);
         _lmHead = config.TieWordEmbeddings ? null : new Projection(config.HiddenSize, config.VocabSize, false, dtype, device);
         _rotary = new RotaryEmbedding(config, maxPositions ?? config.MaxPositionEmbeddings, device);
         RegisterComponents();
@@ -222,8 +222,13 @@ public sealed class LlamaForCausalLM : nn.Module
     public Tensor Logits(Tensor hidden)
     {
         using var scope = NewDisposeScope();
+        var weight = _lmHead?.Weight ?? _embedTokens;
+        if (DecodeProducts.Product(Kernels.DecodeGemvKernel, hidden, weight, _lmHead?.Bias, _norm) is { } fused)
+        {
+            return fused.MoveToOuterDisposeScope();
+        }
         var normed = _norm.forward(hidden);
-        var logits = DecodeProducts.Product(Kernels.DecodeGemvKernel, normed, _lmHead?.Weight ?? _embedTokens, _lmHead?.Bias)
+        var logits = DecodeProducts.Product(Kernels.DecodeGemvKernel, normed, weight, _lmHead?.Bias)
             ?? (_lmHead is null ? nn.functional.linear(normed, _embedTokens) : _lmHead.forward(normed));
         return logits.MoveToOuterDisposeScope();
     }

@@ -12,7 +12,7 @@ public sealed record LlamaKernelOptions
     public static LlamaKernelOptions Default { get; } = new();
 
     /// <summary>The plain path: separate Q/K/V and gate/up products, composite RMS norm, KV copies, SDPA and LibTorch GEMMs in decode.</summary>
-    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, RmsNormKernel = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false, DecodeGemvKernel = false };
+    public static LlamaKernelOptions Plain { get; } = new() { FuseProjections = false, FusedRmsNorm = false, RmsNormKernel = false, NormIntoProjections = false, DecodeGraphs = DecodeGraphMode.Off, DecodeAttentionKernel = false, DecodeGemvKernel = false };
 
     /// <summary>Store Q/K/V and gate/up as one weight each and run them as one product (HF names still load).</summary>
     public bool FuseProjections { get; init; } = true;
@@ -40,6 +40,14 @@ public sealed record LlamaKernelOptions
     /// </summary>
     public bool DecodeGemvKernel { get; init; } = true;
 
+    /// <summary>
+    /// On CUDA with <see cref="DecodeGemvKernel"/>, apply the RMS norm in front of a decode step's Q/K/V, gate/up and LM
+    /// head products inside the GEMV kernel's launch (its <c>NORM</c> variant) instead of as a launch of its own, and
+    /// run Q/K/V through the GEMV kernel then (cuBLAS otherwise). Off by default: not yet measured on a GPU (bench
+    /// engine <c>--norm-into-projections</c> turns it on).
+    /// </summary>
+    public bool NormIntoProjections { get; init; }
+
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;
 
@@ -47,9 +55,9 @@ public sealed record LlamaKernelOptions
     public LlamaKernelOptions On(Device device)
     {
         ArgumentNullException.ThrowIfNull(device);
-        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel && !RmsNormKernel)
+        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel && !RmsNormKernel && !NormIntoProjections)
             ? this
-            : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false };
+            : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false, NormIntoProjections = false };
     }
 }
 

@@ -50,17 +50,19 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
 
     /// <summary>
     /// residual + forward(x), written into <paramref name="residual"/> [B, T, D] (contiguous, owned by the caller) when
-    /// gradients are off and the down projection has no bias; otherwise a new tensor. Returns the result.
+    /// gradients are off and the down projection has no bias; otherwise a new tensor. Returns the result. With
+    /// <paramref name="norm"/>, x is the norm's input: forward(norm(x)), the norm inside the gate/up launch where the
+    /// kernel serves it.
     /// </summary>
-    public Tensor AddTo(Tensor residual, Tensor x)
+    public Tensor AddTo(Tensor residual, Tensor x, RmsNorm? norm = null)
     {
         ArgumentNullException.ThrowIfNull(residual);
         using var scope = NewDisposeScope();
         if (!AddsInPlace || is_grad_enabled() || !residual.is_contiguous())
         {
-            return (residual + forward(x)).MoveToOuterDisposeScope();
+            return (residual + forward(norm?.forward(x) ?? x)).MoveToOuterDisposeScope();
         }
-        var act = Activation(x).view(-1, _intermediate);
+        var act = Activation(x, norm).view(-1, _intermediate);
         var rows = residual.view(-1, _hidden);
         if (!DecodeProducts.AddInto(_gemvKernel, rows, act, _down.Weight))
         {
@@ -72,9 +74,18 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     /// <summary>Whether <see cref="AddTo"/> can add into the residual in place (fused gate/up, no down bias).</summary>
     internal bool AddsInPlace => _gateUp is not null && _down.Bias is null;
 
-    private Tensor Activation(Tensor x)
+    /// <summary>silu(gate(x)) ⊙ up(x) for x [B, T, D], or for norm(x) when <paramref name="norm"/> is given.</summary>
+    private Tensor Activation(Tensor x, RmsNorm? norm = null)
     {
         using var scope = NewDisposeScope();
+        if (norm is not null)
+        {
+            if (_gateUp is not null && _gateUp.IsIntact() && DecodeProducts.GatedProduct(_gemvKernel, x, _gateUp.Weight, _gateUp.Bias, norm) is { } fused)
+            {
+                return fused.MoveToOuterDisposeScope();
+            }
+            x = norm.forward(x);
+        }
         if (_gateUp is not null && _gateUp.IsIntact())
         {
             if (DecodeProducts.GatedProduct(_gemvKernel, x, _gateUp.Weight, _gateUp.Bias) is { } gated)

@@ -20,10 +20,17 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
     private readonly bool _kernel;
     private readonly long _size;
 
-    public RmsNorm(long size, double eps, ScalarType dtype, Device device, bool fused = true, bool kernel = false) : base("RMSNorm")
+    /// <summary>
+    /// A norm over the last dimension of <paramref name="size"/>. <paramref name="fused"/>: LibTorch's fused kernel when
+    /// gradients are off; <paramref name="kernel"/>: the engine's kernel for decode rows on CUDA;
+    /// <paramref name="intoProjections"/>: let the decode GEMV kernel apply it to the input of the product that follows
+    /// (<see cref="FusesIntoProjections"/>; CUDA only).
+    /// </summary>
+    public RmsNorm(long size, double eps, ScalarType dtype, Device device, bool fused = true, bool kernel = false, bool intoProjections = false) : base("RMSNorm")
     {
         ArgumentNullException.ThrowIfNull(device);
         _fused = fused;
+        FusesIntoProjections = intoProjections && device.type == TorchSharp.DeviceType.CUDA && eps > 0;
         // Decided once: the kernel serves this dtype, device and width or it does not.
         _kernel = kernel && Kernels.RmsNormKernel.Unsupported(dtype, device.type, size) is null;
         _size = size;
@@ -37,6 +44,16 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
 
     /// <summary>The scale vector [D].</summary>
     public Parameter Weight => _weight;
+
+    /// <summary>The epsilon added to the mean square.</summary>
+    public double Eps => _eps;
+
+    /// <summary>
+    /// Whether a following decode product may take this norm's input unnormalised and normalise it inside its GEMV
+    /// launch (<see cref="Kernels.DecodeGemv"/>'s norm variant); the product falls back to <see cref="forward"/> first
+    /// where the kernel does not serve it.
+    /// </summary>
+    public bool FusesIntoProjections { get; }
 
     /// <summary>x [..., D] → [..., D] in x's dtype.</summary>
     public override Tensor forward(Tensor x)

@@ -173,6 +173,8 @@ public sealed class DecodeAttentionTests
         var onCpu = LlamaKernelOptions.Default.On(CPU);
         Assert.False(onCpu.DecodeAttentionKernel || onCpu.DecodeGemvKernel);   // CUDA-only switches off elsewhere
         Assert.Equal(LlamaKernelOptions.Default with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false }, onCpu);
+        Assert.False(LlamaKernelOptions.Default.NormIntoProjections);   // until a GPU run measures it
+        Assert.False((LlamaKernelOptions.Default with { NormIntoProjections = true }).On(CPU).NormIntoProjections);
     }
 
     [Theory]

@@ -103,6 +103,27 @@ public sealed class FastPathTests
         }
     }
 
+    [Fact]
+    public void Mlp_given_its_norm_applies_it_first_where_the_gemv_cannot_take_it_even_when_input_and_residual_are_one_tensor()
+    {
+        var device = TorchRuntime.EnsureCpu();
+        using var model = LlamaForCausalLM.Load(Fixtures.Llama("llama-gqa-untied"), ScalarType.Float32, device, kernels: LlamaKernelOptions.Default with { NormIntoProjections = true });
+        var layer = model.Layers[0];
+        Assert.False(layer.PostAttentionNorm.FusesIntoProjections);   // CPU: only CUDA's GEMV kernel fuses it
+        using var scope = NewDisposeScope();
+        using var mode = inference_mode();
+        manual_seed(5);
+        var hidden = randn(2, 3, model.Config.HiddenSize);
+        var expected = layer.Mlp.AddTo(hidden.clone(), layer.PostAttentionNorm.forward(hidden));
+
+        // As the decode graphs call it: the residual stream is also the norm's input, and the result lands in it.
+        var stream = hidden.clone();
+        var actual = layer.Mlp.AddTo(stream, stream, layer.PostAttentionNorm);
+
+        Assert.True(ReferenceEquals(stream, actual), "the MLP did not add into the residual in place");
+        Assert.True((actual - expected).abs().max().item<float>() <= 1e-6);
+    }
+
     [Theory]
     [InlineData(1)]
     [InlineData(3)]
