@@ -28,14 +28,15 @@ strings "$(python3 -c 'import os, torch; print(os.path.join(os.path.dirname(torc
 ldd "$here/app/dslactl/libLibTorchSharp.so" | grep -i 'not found' || echo "libLibTorchSharp.so: every needed library resolves by soname once LibTorch is loaded"
 cat "$here/VERSION"
 
-echo "== correctness: greedy tokens on $fixture (CPU fp32, CUDA fp32, CUDA bf16) against transformers' greedy.json"
+echo "== correctness: greedy tokens on $fixture (CPU fp32, CUDA fp32, CUDA bf16; CUDA also with the norms fused into the GEMVs) against transformers' greedy.json"
 prompt="$(python3 -c 'import json, sys; print(",".join(map(str, json.load(open(sys.argv[1]))["prompt_ids"])))' "$fixture/greedy.json")"
 count="$(python3 -c 'import json, sys; print(len(json.load(open(sys.argv[1]))["continuation"]))' "$fixture/greedy.json")"
-for variant in "cpu float32" "cuda float32" "cuda bfloat16"; do
+for variant in "cpu float32" "cuda float32" "cuda bfloat16" "cuda float32 norm" "cuda bfloat16 norm"; do
   set -- $variant
+  name="$1-$2${3:+-$3}"
   "$here/run.sh" generate --device "$1" --dtype "$2" -m "$fixture" --ids "$prompt" --greedy -n "$count" --logprobs \
-    > "$out/generate-$1-$2.out" 2> "$out/generate-$1-$2.err"
-  echo "generate $1 $2: exit $? ids $(grep -o 'token [0-9]*' "$out/generate-$1-$2.err" | awk '{print $2}' | paste -sd,)"
+    ${3:+--norm-into-projections} > "$out/generate-$name.out" 2> "$out/generate-$name.err"
+  echo "generate $name: exit $? ids $(grep -o 'token [0-9]*' "$out/generate-$name.err" | awk '{print $2}' | paste -sd,)"
 done
 for variant in "cuda float32" "cuda bfloat16"; do
   set -- $variant
@@ -50,10 +51,10 @@ from safetensors.torch import load_file
 fixture, out = sys.argv[1], sys.argv[2]
 expected = json.load(open(f"{fixture}/greedy.json"))["continuation"]
 ok = True
-for variant in ["cpu-float32", "cuda-float32", "cuda-bfloat16"]:
+for variant in ["cpu-float32", "cuda-float32", "cuda-bfloat16", "cuda-float32-norm", "cuda-bfloat16-norm"]:
     ids = [int(m) for m in re.findall(r"token (\d+)", open(f"{out}/generate-{variant}.err").read())]
     same = ids == expected
-    ok &= same or variant == "cuda-bfloat16"
+    ok &= same or variant.startswith("cuda-bfloat16")
     print(f"greedy {variant}: {'MATCH' if same else 'DIFFER'} ({sum(a == b for a, b in zip(ids, expected))}/{len(expected)} tokens)")
 ref = load_file(f"{fixture}/reference.safetensors")["logits"].float()
 for variant, bound in [("cuda-float32", 1e-4), ("cuda-bfloat16", None)]:

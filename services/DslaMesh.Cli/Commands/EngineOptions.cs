@@ -21,6 +21,7 @@ public sealed class EngineOptions
     public Option<string> Device { get; } = new("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
     public Option<string?> DType { get; } = new("--dtype") { Description = "float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)." };
     public Option<DirectoryInfo?> LibTorch { get; } = new("--libtorch") { Description = "CUDA LibTorch folder (default: ask python3 where torch lives)." };
+    public Option<bool> NormIntoProjections { get; } = new("--norm-into-projections") { Description = "CUDA: apply decode steps' RMS norms inside the projections' GEMV launches (TorchBackend:NormIntoProjections)." };
 
     /// <summary>Adds the options to a command.</summary>
     public void AddTo(Command command)
@@ -29,6 +30,7 @@ public sealed class EngineOptions
         command.Options.Add(Device);
         command.Options.Add(DType);
         command.Options.Add(LibTorch);
+        command.Options.Add(NormIntoProjections);
     }
 
     /// <summary>The backend options a parse result asks for.</summary>
@@ -37,6 +39,7 @@ public sealed class EngineOptions
         Device = result.GetValue(Device) ?? "cpu",
         DType = result.GetValue(DType),
         LibTorchDirectory = result.GetValue(LibTorch)?.FullName,
+        NormIntoProjections = result.GetValue(NormIntoProjections),
     };
 
     /// <summary>Loads the model the parse result names.</summary>

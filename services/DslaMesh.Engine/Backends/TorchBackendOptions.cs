@@ -51,6 +51,12 @@ public sealed class TorchBackendOptions
     /// </summary>
     public bool DecodeKernels { get; set; } = true;
 
+    /// <summary>
+    /// With <see cref="DecodeKernels"/>, apply decode steps' RMS norms inside the GEMV launch of the product after each
+    /// (<see cref="Models.LlamaKernelOptions.NormIntoProjections"/>). Default: off (not yet measured on a GPU).
+    /// </summary>
+    public bool NormIntoProjections { get; set; }
+
     /// <summary>The model kernels these options ask for.</summary>
     public Models.LlamaKernelOptions Kernels => Models.LlamaKernelOptions.Default with
     {
@@ -58,6 +64,7 @@ public sealed class TorchBackendOptions
         DecodeAttentionKernel = DecodeKernels,
         DecodeGemvKernel = DecodeKernels,
         RmsNormKernel = DecodeKernels,
+        NormIntoProjections = DecodeKernels && NormIntoProjections,
     };
 
     /// <summary>Whether the device is a CUDA device.</summary>
