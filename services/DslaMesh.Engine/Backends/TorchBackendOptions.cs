@@ -64,7 +64,7 @@ public sealed class TorchBackendOptions
         DecodeAttentionKernel = DecodeKernels,
         DecodeGemvKernel = DecodeKernels,
         RmsNormKernel = DecodeKernels,
-        NormIntoProjections = DecodeKernels && NormIntoProjections,
+        NormIntoProjections = NormIntoProjections,   // off with DecodeKernels: LlamaKernelOptions.On drops it without the GEMV kernel
     };
 
     /// <summary>Whether the device is a CUDA device.</summary>

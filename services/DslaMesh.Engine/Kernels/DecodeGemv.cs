@@ -74,8 +74,7 @@ public static unsafe class DecodeGemv
             throw new ArgumentException($"The decode GEMV kernel does not support these operands: {reason}.", nameof(x));
         }
         var k = weight.shape[1];
-        if (norm is (var gains, var eps) && (gains.dtype != x.dtype || gains.device_type != x.device_type || gains.device_index != x.device_index || gains.dim() != 1 || gains.shape[0] != k
-            || !gains.is_contiguous() || CudaKernels.DataPointer(gains) % 16 != 0 || !(eps > 0)))
+        if (norm is (var gains, var eps) && (!RmsNormKernel.IsWeightFor(gains, x, k) || CudaKernels.DataPointer(gains) % 16 != 0 || !(eps > 0)))
         {
             throw new ArgumentException($"The norm weight must be a contiguous, 16-byte aligned [{k}] {x.dtype} tensor on {x.device} with a positive epsilon (got {CudaKernels.Shape(gains)} {gains.dtype} on {gains.device}, eps {eps}).", nameof(norm));
         }

@@ -27,93 +27,59 @@ public static class KernelChecks
         _ => 2e-2,
     };
 
+    private static readonly ScalarType[] DTypes = [ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32];
+
     /// <summary>Runs every case on <paramref name="device"/> (CUDA). <paramref name="progress"/> receives each result.</summary>
     /// <exception cref="InvalidOperationException">The device is not CUDA or the kernels are unavailable.</exception>
     public static IReadOnlyList<KernelCheck> DecodeAttentionCases(Device device, Action<KernelCheck>? progress = null)
     {
-        RequireCuda(device);
-        var results = new List<KernelCheck>();
         var shapes = new (int Rows, int KvHeads, int Group, int HeadDim)[]
         {
             (1, 32, 1, 128), (3, 2, 4, 64), (2, 4, 8, 128), (5, 1, 2, 16), (1, 2, 1, 256), (4, 8, 3, 32), (2, 1, 1, 8),
         };
-        var seed = 0L;
-        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
-        {
-            foreach (var (rows, kvHeads, group, headDim) in shapes)
-            {
-                foreach (var length in new[] { 0, 1, 31, 200, 1000, 4097 })
-                {
-                    foreach (var layout in new[] { "fused", "batch-rows", "fused rope", "batch-rows rope" })
-                    {
-                        if (DecodeAttention.Unsupported(dtype, device.type, kvHeads * group, kvHeads, headDim) is not null)
-                        {
-                            continue;   // e.g. fp32 rows of 256 × 4 bytes: more than one warp per key row
-                        }
-                        var check = DecodeAttentionCase(dtype, rows, kvHeads, group, headDim, length, layout, device, seed++);
-                        results.Add(check);
-                        progress?.Invoke(check);
-                    }
-                }
-            }
-        }
-        return results;
+        return Run(device, progress, firstSeed: 0,
+            from dtype in DTypes
+            from shape in shapes
+            from length in new[] { 0, 1, 31, 200, 1000, 4097 }
+            from layout in new[] { "fused", "batch-rows", "fused rope", "batch-rows rope" }
+            // e.g. fp32 rows of 256 × 4 bytes: more than one warp per key row
+            where DecodeAttention.Unsupported(dtype, device.type, shape.KvHeads * shape.Group, shape.KvHeads, shape.HeadDim) is null
+            select (Func<long, KernelCheck>)(seed => DecodeAttentionCase(dtype, shape.Rows, shape.KvHeads, shape.Group, shape.HeadDim, length, layout, device, seed)));
     }
 
     /// <summary>
     /// Runs the GEMV cases on <paramref name="device"/> (CUDA): every epilogue, 1–8 rows, odd sizes, strided rows, each
     /// with and without the RMS norm fused in front.
     /// </summary>
-    public static IReadOnlyList<KernelCheck> DecodeGemvCases(Device device, Action<KernelCheck>? progress = null)
-    {
-        RequireCuda(device);
-        var results = new List<KernelCheck>();
-        var seed = 1000L;
-        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
-        {
-            foreach (var rows in new[] { 1, 3, 8 })
-            {
-                foreach (var (n, k) in new[] { (100, 64), (4096, 4096), (37, 1008) })
-                {
-                    foreach (var epilogue in Enum.GetValues<GemvEpilogue>())
-                    {
-                        foreach (var normed in new[] { false, true })
-                        {
-                            var check = DecodeGemvCase(dtype, rows, n, k, epilogue, normed, device, seed++);
-                            results.Add(check);
-                            progress?.Invoke(check);
-                        }
-                    }
-                }
-            }
-        }
-        return results;
-    }
+    public static IReadOnlyList<KernelCheck> DecodeGemvCases(Device device, Action<KernelCheck>? progress = null) =>
+        Run(device, progress, firstSeed: 1000,
+            from dtype in DTypes
+            from rows in new[] { 1, 3, 8 }
+            from size in new[] { (N: 100, K: 64), (N: 4096, K: 4096), (N: 37, K: 1008) }
+            from epilogue in Enum.GetValues<GemvEpilogue>()
+            from normed in new[] { false, true }
+            select (Func<long, KernelCheck>)(seed => DecodeGemvCase(dtype, rows, size.N, size.K, epilogue, normed, device, seed)));
 
     /// <summary>Runs the RMS norm cases on <paramref name="device"/> (CUDA): 1–17 rows, widths from one vector to 8 per thread, strided rows.</summary>
-    public static IReadOnlyList<KernelCheck> RmsNormCases(Device device, Action<KernelCheck>? progress = null)
+    public static IReadOnlyList<KernelCheck> RmsNormCases(Device device, Action<KernelCheck>? progress = null) =>
+        Run(device, progress, firstSeed: 2000,
+            from dtype in DTypes
+            from rows in new[] { 1, 3, 17 }
+            from size in new[] { 8, 200, 4096, 5120, 8200 }
+            where RmsNormKernel.UnsupportedShape(dtype, size) is null
+            from strided in new[] { false, true }
+            select (Func<long, KernelCheck>)(seed => RmsNormCase(dtype, rows, size, strided, device, seed)));
+
+    /// <summary>Runs the cases in order, each with the next seed from <paramref name="firstSeed"/>, reporting each result.</summary>
+    private static List<KernelCheck> Run(Device device, Action<KernelCheck>? progress, long firstSeed, IEnumerable<Func<long, KernelCheck>> cases)
     {
         RequireCuda(device);
         var results = new List<KernelCheck>();
-        var seed = 2000L;
-        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32 })
+        var seed = firstSeed;
+        foreach (var check in cases.Select(run => run(seed++)))
         {
-            foreach (var rows in new[] { 1, 3, 17 })
-            {
-                foreach (var size in new[] { 8, 200, 4096, 5120, 8200 })
-                {
-                    if (RmsNormKernel.UnsupportedShape(dtype, size) is not null)
-                    {
-                        continue;
-                    }
-                    foreach (var strided in new[] { false, true })
-                    {
-                        var check = RmsNormCase(dtype, rows, size, strided, device, seed++);
-                        results.Add(check);
-                        progress?.Invoke(check);
-                    }
-                }
-            }
+            results.Add(check);
+            progress?.Invoke(check);
         }
         return results;
     }

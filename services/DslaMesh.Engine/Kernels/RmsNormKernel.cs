@@ -72,7 +72,7 @@ public static unsafe class RmsNormKernel
         {
             throw new ArgumentException($"The RMS norm kernel does not support x {CudaKernels.Shape(x)} ({x.dtype} on {x.device}): {reason}.", nameof(x));
         }
-        if (weight.dtype != x.dtype || weight.device_type != x.device_type || weight.device_index != x.device_index || weight.dim() != 1 || weight.shape[0] != size || !weight.is_contiguous())
+        if (!IsWeightFor(weight, x, size))
         {
             throw new ArgumentException($"The norm's weight must be [{size}] contiguous, {x.dtype} on {x.device}; got {CudaKernels.Shape(weight)} {weight.dtype} on {weight.device}.", nameof(weight));
         }
@@ -100,6 +100,11 @@ public static unsafe class RmsNormKernel
         GC.KeepAlive(weight);
         return output;
     }
+
+    /// <summary>Whether <paramref name="weight"/> can scale rows of <paramref name="x"/>: [<paramref name="size"/>] contiguous, x's dtype, on x's device.</summary>
+    internal static bool IsWeightFor(Tensor weight, Tensor x, long size) =>
+        weight.dtype == x.dtype && weight.device_type == x.device_type && weight.device_index == x.device_index
+        && weight.dim() == 1 && weight.shape[0] == size && weight.is_contiguous();
 
     /// <summary>The same result with plain tensor ops (any device), as Hugging Face computes it: what the kernel is checked against.</summary>
     public static Tensor Reference(Tensor x, Tensor weight, double eps)

@@ -26,9 +26,8 @@ public sealed class LlamaDecoderLayer : nn.Module
         Index = index;
         _attention = new LlamaAttention(config, dtype, device, kernels);
         _mlp = new LlamaMlp(config, dtype, device, kernels.FuseProjections, kernels.DecodeGemvKernel);
-        var intoProjections = kernels.NormIntoProjections && kernels.DecodeGemvKernel;
-        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, intoProjections);
-        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, intoProjections);
+        _inputNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, kernels.NormIntoProjections);
+        _postAttentionNorm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, kernels.FusedRmsNorm, kernels.RmsNormKernel, kernels.NormIntoProjections);
         RegisterComponents();
     }
 

@@ -34,7 +34,7 @@ public sealed class LlamaForCausalLM : nn.Module
         _embedTokens = new Parameter(empty(config.VocabSize, config.HiddenSize, dtype: dtype, device: device), requires_grad: false);
         _layerArray = Enumerable.Range(0, config.NumHiddenLayers).Select(i => new LlamaDecoderLayer(config, i, dtype, device, Kernels)).ToArray();
         _layers = new ModuleList<LlamaDecoderLayer>(_layerArray);
-        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, Kernels.FusedRmsNorm, Kernels.RmsNormKernel, Kernels.NormIntoProjections && Kernels.DecodeGemvKernel);
+        _norm = new RmsNorm(config.HiddenSize, config.RmsNormEps, dtype, device, Kernels.FusedRmsNorm, Kernels.RmsNormKernel, Kernels.NormIntoProjections);
         _lmHead = config.TieWordEmbeddings ? null : new Projection(config.HiddenSize, config.VocabSize, false, dtype, device);
         _rotary = new RotaryEmbedding(config, maxPositions ?? config.MaxPositionEmbeddings, device);
         RegisterComponents();

@@ -51,13 +51,17 @@ public sealed record LlamaKernelOptions
     /// <summary>How decode steps run (see <see cref="DecodeGraphMode"/>).</summary>
     public DecodeGraphMode DecodeGraphs { get; init; } = DecodeGraphMode.Auto;
 
-    /// <summary>These options as a model on <paramref name="device"/> uses them: the CUDA-only kernels off elsewhere.</summary>
+    /// <summary>
+    /// These options as a model on <paramref name="device"/> uses them: the CUDA-only kernels off elsewhere, and
+    /// <see cref="NormIntoProjections"/> off without the GEMV kernel it runs in.
+    /// </summary>
     public LlamaKernelOptions On(Device device)
     {
         ArgumentNullException.ThrowIfNull(device);
-        return device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel && !RmsNormKernel && !NormIntoProjections)
+        var options = device.type == TorchSharp.DeviceType.CUDA || (!DecodeAttentionKernel && !DecodeGemvKernel && !RmsNormKernel && !NormIntoProjections)
             ? this
             : this with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false, NormIntoProjections = false };
+        return options.NormIntoProjections && !options.DecodeGemvKernel ? options with { NormIntoProjections = false } : options;
     }
 }
 

@@ -78,21 +78,22 @@ public sealed class LlamaMlp : nn.Module<Tensor, Tensor>
     private Tensor Activation(Tensor x, RmsNorm? norm = null)
     {
         using var scope = NewDisposeScope();
+        var fused = _gateUp is { } weights && weights.IsIntact() ? weights : null;   // gate/up as one product
         if (norm is not null)
         {
-            if (_gateUp is not null && _gateUp.IsIntact() && DecodeProducts.GatedProduct(_gemvKernel, x, _gateUp.Weight, _gateUp.Bias, norm) is { } fused)
+            if (fused is not null && DecodeProducts.GatedProduct(_gemvKernel, x, fused.Weight, fused.Bias, norm) is { } normedGated)
             {
-                return fused.MoveToOuterDisposeScope();
+                return normedGated.MoveToOuterDisposeScope();
             }
             x = norm.forward(x);
         }
-        if (_gateUp is not null && _gateUp.IsIntact())
+        if (fused is not null)
         {
-            if (DecodeProducts.GatedProduct(_gemvKernel, x, _gateUp.Weight, _gateUp.Bias) is { } gated)
+            if (DecodeProducts.GatedProduct(_gemvKernel, x, fused.Weight, fused.Bias) is { } gated)
             {
                 return gated.MoveToOuterDisposeScope();
             }
-            var gateUp = _gateUp.Forward(x);
+            var gateUp = fused.Forward(x);
             var act = nn.functional.silu(gateUp.narrow(-1, 0, _intermediate));
             return act.mul_(gateUp.narrow(-1, _intermediate, _intermediate)).MoveToOuterDisposeScope();
         }

@@ -67,9 +67,6 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         {
             return fused;
         }
-        using var scope = NewDisposeScope();
-        var x32 = x.to(ScalarType.Float32);
-        var normed = x32 * (x32.pow(2).mean([-1], keepdim: true) + _eps).rsqrt();
-        return (_weight * normed.to(x.dtype)).MoveToOuterDisposeScope();
+        return Kernels.RmsNormKernel.Reference(x, _weight, _eps);
     }
 }

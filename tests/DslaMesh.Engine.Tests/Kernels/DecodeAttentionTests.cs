@@ -175,6 +175,8 @@ public sealed class DecodeAttentionTests
         Assert.Equal(LlamaKernelOptions.Default with { DecodeAttentionKernel = false, DecodeGemvKernel = false, RmsNormKernel = false }, onCpu);
         Assert.False(LlamaKernelOptions.Default.NormIntoProjections);   // until a GPU run measures it
         Assert.False((LlamaKernelOptions.Default with { NormIntoProjections = true }).On(CPU).NormIntoProjections);
+        Assert.True((LlamaKernelOptions.Default with { NormIntoProjections = true }).On(new Device(TorchSharp.DeviceType.CUDA, 0)).NormIntoProjections);
+        Assert.False((LlamaKernelOptions.Default with { NormIntoProjections = true, DecodeGemvKernel = false }).On(new Device(TorchSharp.DeviceType.CUDA, 0)).NormIntoProjections);   // it runs in the GEMV
     }
 
     [Theory]
